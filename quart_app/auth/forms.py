@@ -1,0 +1,128 @@
+"""WTForms forms with session-based CSRF protection.
+
+Every form carries a hidden ``csrf_token`` input. The token is tied to the visitor's
+session and signed with SECRET_KEY, so a POST without it, or with one from another
+session, fails validation.
+"""
+
+from datetime import timedelta
+from typing import Any, Self
+
+from quart import current_app, request, session
+from wtforms import BooleanField, EmailField, Form, PasswordField, StringField
+from wtforms.csrf.session import SessionCSRF
+from wtforms.validators import (
+    DataRequired,
+    Email,
+    EqualTo,
+    Length,
+    Regexp,
+    ValidationError,
+)
+
+from quart_app.models import EMAIL_MAX_LENGTH, USERNAME_MAX_LENGTH
+
+PASSWORD_MIN_LENGTH = 8
+# argon2 accepts any length, but hashing megabytes per request would be a cheap way
+# to tie up the server.
+PASSWORD_MAX_LENGTH = 128
+
+
+class AppForm(Form):
+    class Meta:
+        csrf = True
+        csrf_class = SessionCSRF
+        csrf_field_name = "csrf_token"
+        csrf_time_limit = timedelta(hours=2)
+
+        @property
+        def csrf_secret(self) -> bytes:
+            return current_app.secret_key.encode()  # type: ignore[union-attr]
+
+        @property
+        def csrf_context(self) -> Any:
+            return session
+
+    @classmethod
+    async def from_request(cls) -> Self:
+        """Build the form from the POSTed body, or empty for any other method."""
+        if request.method != "POST":
+            return cls()
+        return cls(formdata=await request.form)
+
+    def validate_on_submit(self) -> bool:
+        return request.method == "POST" and self.validate()
+
+    @property
+    def csrf_failed(self) -> bool:
+        """Whether validation failed on the CSRF token alone or among others."""
+        return bool(self.errors.get("csrf_token"))
+
+
+def _strip(value: str | None) -> str | None:
+    return value.strip() if isinstance(value, str) else value
+
+
+def _no_control_characters(_form: Form, field: Any) -> None:
+    if field.data and any(ord(char) < 32 or ord(char) == 127 for char in field.data):
+        raise ValidationError("Remove the line breaks and control characters.")
+
+
+_password_length = Length(
+    min=PASSWORD_MIN_LENGTH,
+    max=PASSWORD_MAX_LENGTH,
+    message=f"Use {PASSWORD_MIN_LENGTH} to {PASSWORD_MAX_LENGTH} characters.",
+)
+
+
+class RegistrationForm(AppForm):
+    email = EmailField(
+        "Email",
+        filters=[_strip],
+        validators=[
+            DataRequired(),
+            _no_control_characters,
+            Length(max=EMAIL_MAX_LENGTH),
+            Email(message="Enter a valid email address."),
+        ],
+    )
+    username = StringField(
+        "Username",
+        validators=[
+            DataRequired(),
+            Length(min=1, max=USERNAME_MAX_LENGTH),
+            Regexp(
+                r"\A[A-Za-z][A-Za-z0-9_.]*\Z",
+                message="Usernames start with a letter and contain only letters, "
+                "digits, dots and underscores.",
+            ),
+        ],
+    )
+    password = PasswordField("Password", validators=[DataRequired(), _password_length])
+    password2 = PasswordField(
+        "Confirm password",
+        validators=[
+            DataRequired(),
+            EqualTo("password", message="The passwords do not match."),
+        ],
+    )
+
+
+class LoginForm(AppForm):
+    email = EmailField(
+        "Email",
+        filters=[_strip],
+        validators=[
+            DataRequired(),
+            _no_control_characters,
+            Length(max=EMAIL_MAX_LENGTH),
+        ],
+    )
+    password = PasswordField(
+        "Password", validators=[DataRequired(), Length(max=PASSWORD_MAX_LENGTH)]
+    )
+    remember_me = BooleanField("Keep me logged in")
+
+
+class EmptyForm(AppForm):
+    """A form with only the CSRF token, for buttons such as "resend"."""

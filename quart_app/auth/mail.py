@@ -1,0 +1,34 @@
+"""The account emails: confirmation and the administrator's "New User" notice."""
+
+from quart import current_app, url_for
+
+from quart_app.auth.tokens import Purpose, generate_token
+from quart_app.email import send_email
+from quart_app.models import User
+
+
+def external_url(endpoint: str, **values: object) -> str:
+    """Build an absolute URL on APP_BASE_URL.
+
+    The host comes from the settings, never from the request's Host header, so a
+    forged header cannot point a link in an email at another site.
+    """
+    return current_app.config["APP_BASE_URL"] + url_for(endpoint, **values)
+
+
+async def send_confirmation(user: User) -> None:
+    token = generate_token(Purpose.CONFIRM, {"confirm": user.id, "email": user.email})
+    await send_email(
+        user.email,
+        "Confirm Your Account",
+        "email/confirm",
+        user=user,
+        confirm_url=external_url("auth.confirm", token=token),
+    )
+
+
+async def send_new_user_notice(user: User) -> None:
+    admin = current_app.config["APP_ADMIN"]
+    if admin is None:
+        return
+    await send_email(admin, "New User", "email/new_user", user=user)

@@ -1,0 +1,234 @@
+from datetime import timedelta
+from urllib.parse import urlsplit
+
+from quart import (
+    Blueprint,
+    current_app,
+    flash,
+    g,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from quart.typing import ResponseReturnValue
+from quart_auth import AuthUser, current_user, login_user, logout_user
+from sqlalchemy.exc import IntegrityError
+
+from quart_app.auth.forms import EmptyForm, LoginForm, RegistrationForm
+from quart_app.auth.mail import send_confirmation, send_new_user_notice
+from quart_app.auth.tokens import Purpose, load_token
+from quart_app.db import get_session
+from quart_app.errors import TokenError, TokenExpired
+from quart_app.models import (
+    User,
+    create_user,
+    email_taken,
+    find_user_by_auth_id,
+    find_user_by_email,
+    normalize_email,
+    username_taken,
+    utcnow,
+)
+from quart_app.passwords import hash_password, needs_rehash, verify_password
+
+bp = Blueprint("auth", __name__, url_prefix="/auth")
+
+# last_seen is written at most this often, so browsing does not write on every request.
+LAST_SEEN_INTERVAL = timedelta(minutes=5)
+# Pages an unconfirmed user may still open.
+_OPEN_TO_UNCONFIRMED = {"static", "main.healthz"}
+
+
+@bp.before_app_request
+async def load_account() -> ResponseReturnValue | None:
+    g.account = None
+    if request.endpoint == "static" or not await current_user.is_authenticated:
+        return None
+
+    session = get_session()
+    account = await find_user_by_auth_id(session=session, auth_id=current_user.auth_id)
+    if account is None:
+        # The account is gone or its password changed since this cookie was set.
+        logout_user()
+        return None
+    g.account = account
+
+    now = utcnow()
+    if now - account.last_seen > LAST_SEEN_INTERVAL:
+        account.last_seen = now
+        await session.commit()
+
+    if (
+        not account.confirmed
+        and request.blueprint not in ("auth", "dev")
+        and request.endpoint not in _OPEN_TO_UNCONFIRMED
+    ):
+        return redirect(url_for("auth.unconfirmed"))
+    return None
+
+
+@bp.route("/register", methods=["GET", "POST"])
+async def register() -> ResponseReturnValue:
+    form = await RegistrationForm.from_request()
+    if not form.validate_on_submit():
+        return await _render_form("auth/register.html", form)
+
+    session = get_session()
+    email = normalize_email(form.email.data)
+    if await email_taken(session=session, email=email):
+        form.email.errors.append("That email address is already registered.")
+    elif await username_taken(session=session, username=form.username.data):
+        form.username.errors.append("That username is already taken.")
+    if form.errors:
+        return await _render_form("auth/register.html", form)
+
+    user = await create_user(
+        session=session,
+        email=email,
+        username=form.username.data,
+        password_hash=await hash_password(form.password.data),
+        admin_email=current_app.config["APP_ADMIN"],
+    )
+    try:
+        await session.commit()
+    except IntegrityError:
+        # Another request registered the same address or name after our check.
+        await session.rollback()
+        form.email.errors.append("That email address or username is already taken.")
+        return await _render_form("auth/register.html", form)
+
+    await send_confirmation(user)
+    await send_new_user_notice(user)
+    login_user(AuthUser(user.auth_id))
+    await flash("A confirmation email has been sent to you by email.", "info")
+    return redirect(url_for("auth.unconfirmed"))
+
+
+@bp.route("/login", methods=["GET", "POST"])
+async def login() -> ResponseReturnValue:
+    form = await LoginForm.from_request()
+    if not form.validate_on_submit():
+        return await _render_form("auth/login.html", form)
+
+    session = get_session()
+    user = await find_user_by_email(session=session, email=form.email.data)
+    password = form.password.data
+    # The password is checked even with no such user, against a dummy hash, so
+    # the response time does not reveal which addresses are registered.
+    matched = await verify_password(user.password_hash if user else None, password)
+    if user is None or not matched:
+        await flash("Invalid email or password.", "error")
+        return await _render_form("auth/login.html", form)
+
+    if needs_rehash(user.password_hash):
+        user.password_hash = await hash_password(password)
+        await session.commit()
+    login_user(AuthUser(user.auth_id), remember=form.remember_me.data)
+    return redirect(_local_path(request.args.get("next")) or url_for("main.index"))
+
+
+@bp.route("/logout", methods=["GET", "POST"])
+async def logout() -> ResponseReturnValue:
+    logout_user()
+    await flash("You have been logged out.", "info")
+    return redirect(url_for("main.index"))
+
+
+@bp.get("/confirm/<token>")
+async def confirm(token: str) -> ResponseReturnValue:
+    try:
+        payload = load_token(Purpose.CONFIRM, token)
+    except TokenError as error:
+        return await _render_token_error(error)
+
+    user_id = payload.get("confirm")
+    if type(user_id) is not int:
+        return await _render_token_error(None)
+    session = get_session()
+    user = await session.get(User, user_id)
+    # The address is part of the token, so a link sent to an old address
+    # cannot confirm an account whose address has changed since.
+    if user is None or user.email != payload.get("email"):
+        return await _render_token_error(None)
+
+    already = user.confirmed
+    if not already:
+        user.confirmed = True
+        await session.commit()
+    return await render_template("auth/confirmed.html", user=user, already=already)
+
+
+@bp.post("/confirm")
+async def resend_confirmation() -> ResponseReturnValue:
+    account: User | None = g.account
+    if account is None:
+        return redirect(url_for("auth.login", next=url_for("auth.unconfirmed")))
+    if account.confirmed:
+        await flash("Your account is already confirmed.", "info")
+        return redirect(url_for("main.index"))
+
+    form = await EmptyForm.from_request()
+    if not form.validate():
+        await flash("The form expired. Please press the button again.", "error")
+        return await render_template("auth/unconfirmed.html", form=form), 400
+
+    interval = current_app.config["CONFIRMATION_RESEND_INTERVAL"]
+    sent_at = account.confirmation_sent_at
+    if sent_at is not None and utcnow() - sent_at < timedelta(seconds=interval):
+        await flash(
+            "A confirmation email was sent less than "
+            f"{interval} seconds ago. Check your inbox, or try again shortly.",
+            "error",
+        )
+        return redirect(url_for("auth.unconfirmed"))
+
+    account.confirmation_sent_at = utcnow()
+    await get_session().commit()
+    await send_confirmation(account)
+    await flash("A new confirmation email has been sent to you by email.", "info")
+    return redirect(url_for("auth.unconfirmed"))
+
+
+@bp.get("/unconfirmed")
+async def unconfirmed() -> ResponseReturnValue:
+    account: User | None = g.account
+    if account is None:
+        return redirect(url_for("auth.login"))
+    if account.confirmed:
+        return redirect(url_for("main.index"))
+    return await render_template("auth/unconfirmed.html", form=EmptyForm())
+
+
+async def _render_form(
+    template: str, form: RegistrationForm | LoginForm
+) -> ResponseReturnValue:
+    status = 200
+    if form.csrf_failed:
+        status = 400
+        await flash(
+            "The form was missing its security token or it had expired. "
+            "Please submit it again.",
+            "error",
+        )
+    return await render_template(template, form=form), status
+
+
+async def _render_token_error(error: TokenError | None) -> ResponseReturnValue:
+    expired = isinstance(error, TokenExpired)
+    return (
+        await render_template("auth/token_error.html", expired=expired),
+        400,
+    )
+
+
+def _local_path(target: str | None) -> str | None:
+    """Return `target` if it is a path on this site, else None."""
+    if not target or not target.startswith("/") or target.startswith("//"):
+        return None
+    if "\\" in target or any(ord(char) < 32 for char in target):
+        return None
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc:
+        return None
+    return target

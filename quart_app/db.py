@@ -1,0 +1,143 @@
+"""The database engine and the per-request session.
+
+The engine is made when serving starts and disposed when it stops, so importing the
+package or building the app opens no connection.
+"""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from quart import Quart, current_app, g
+from sqlalchemy import MetaData, event, inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import DeclarativeBase
+
+logger = logging.getLogger(__name__)
+
+# Named constraints let alembic alter SQLite tables in batch mode and keep
+# autogenerate stable across databases.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """Create the async engine for `url`, with SQLite tuned for several writers."""
+    options: dict[str, Any] = {"pool_pre_ping": True}
+    if make_url(url).get_backend_name() == "sqlite":
+        options = {"connect_args": {"timeout": 30}}
+    engine = create_async_engine(url, **options)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine.sync_engine, "connect", _configure_sqlite)
+    return engine
+
+
+def init_app(app: Quart) -> None:
+    """Open the engine when serving starts and dispose of it when serving stops."""
+
+    @app.before_serving
+    async def _open_engine() -> None:
+        engine = create_engine(app.config["DATABASE_URL"])
+        app.extensions["db_engine"] = engine
+        app.extensions["db_sessionmaker"] = async_sessionmaker(
+            engine, expire_on_commit=False
+        )
+        await _check_schema(engine)
+
+    @app.after_serving
+    async def _dispose_engine() -> None:
+        engine = app.extensions.pop("db_engine", None)
+        app.extensions.pop("db_sessionmaker", None)
+        if engine is not None:
+            await engine.dispose()
+
+    @app.teardown_appcontext
+    async def _close_session(_error: BaseException | None) -> None:
+        session = g.pop("db_session", None)
+        if session is not None:
+            await session.close()
+
+
+def get_session() -> AsyncSession:
+    """Return the session of the current app context, opening it on first use.
+
+    The session closes when the app context ends, so a request or a background task
+    gets its own session and never shares one with another.
+    """
+    session = g.get("db_session")
+    if session is None:
+        session = _sessionmaker()()
+        g.db_session = session
+    return session
+
+
+@asynccontextmanager
+async def session_scope() -> AsyncIterator[AsyncSession]:
+    """Open a session outside the per-request one, for CLI commands and workers."""
+    async with _sessionmaker()() as session:
+        yield session
+
+
+def get_engine() -> AsyncEngine:
+    try:
+        return current_app.extensions["db_engine"]
+    except KeyError:
+        raise RuntimeError(
+            "The database engine is not open: it opens when serving starts, "
+            "so use app.test_app() in tests."
+        ) from None
+
+
+def _sessionmaker() -> async_sessionmaker[AsyncSession]:
+    get_engine()
+    return current_app.extensions["db_sessionmaker"]
+
+
+async def _check_schema(engine: AsyncEngine) -> None:
+    # The app still starts, so /healthz can report the problem, but the log says
+    # at once what is wrong and how to fix it.
+    shown_url = engine.url.render_as_string(hide_password=True)
+    try:
+        async with engine.connect() as connection:
+            tables = await connection.run_sync(
+                lambda sync: set(inspect(sync).get_table_names())
+            )
+    except (SQLAlchemyError, OSError) as error:
+        logger.error(
+            "The database at %s did not answer at start-up: %s", shown_url, error
+        )
+        return
+    missing = sorted(set(Base.metadata.tables) - tables)
+    if missing:
+        logger.error(
+            "The database at %s has no table %s: run `alembic upgrade head` first",
+            shown_url,
+            ", ".join(missing),
+        )
+
+
+def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers go on while one worker writes; busy_timeout makes a
+    # second writer wait for the lock instead of failing at once.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

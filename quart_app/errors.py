@@ -1,0 +1,37 @@
+"""The app's exceptions, with one root so callers can catch them all."""
+
+
+class AppError(Exception):
+    """Base class of the app's own errors."""
+
+
+class ConfigError(SystemExit):
+    """A setting is missing or invalid; the message names it and the fix.
+
+    It derives from SystemExit, not AppError, because it exists to stop start-up:
+    uncaught, the interpreter prints just the message, one line per invalid
+    variable, and exits with status 1, with no traceback to dig through.
+    """
+
+    def __str__(self) -> str:
+        return str(self.code)
+
+
+class TokenError(AppError):
+    """A token in a link cannot be used."""
+
+
+class TokenInvalid(TokenError):
+    """The token is malformed, tampered with, or made for another purpose."""
+
+
+class TokenExpired(TokenError):
+    """The token's signature is valid but its lifetime has passed."""
+
+
+class DuplicateUser(AppError):
+    """The email address or username is already registered."""
+
+    def __init__(self, field: str) -> None:
+        super().__init__(f"That {field} is already registered.")
+        self.field = field

@@ -1,0 +1,26 @@
+import logging
+
+from quart import Blueprint, render_template
+from quart.typing import ResponseReturnValue
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from quart_app.db import get_session
+
+bp = Blueprint("main", __name__)
+logger = logging.getLogger(__name__)
+
+
+@bp.get("/")
+async def index() -> ResponseReturnValue:
+    return await render_template("index.html")
+
+
+@bp.get("/healthz")
+async def healthz() -> ResponseReturnValue:
+    try:
+        await get_session().execute(text("SELECT 1"))
+    except (SQLAlchemyError, OSError) as error:
+        logger.error("Health check failed: the database did not answer: %s", error)
+        return {"status": "error", "database": "unavailable"}, 503
+    return {"status": "ok", "database": "ok"}

@@ -1,0 +1,158 @@
+"""Database models."""
+
+import hashlib
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import Boolean, DateTime, Dialect, Integer, String, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from quart_app.db import Base
+
+EMAIL_MAX_LENGTH = 254
+USERNAME_MAX_LENGTH = 64
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware datetime column that reads back aware on every database.
+
+    SQLite keeps no zone, so its values come back naive; they were written in
+    UTC, and this type marks them so.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is not None:
+            if value.tzinfo is None:
+                raise ValueError(f"naive datetime {value!r}: pass one with a zone")
+            value = value.astimezone(UTC)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+def normalize_email(email: str) -> str:
+    """Return the form in which an address is stored and compared.
+
+    The whole address is lower-cased, so two signups that differ only in case are
+    the same account. Mail servers treat the domain that way; almost all treat
+    the local part that way too.
+    """
+    return email.strip().lower()
+
+
+class Role(StrEnum):
+    USER = "User"
+    ADMINISTRATOR = "Administrator"
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    email: Mapped[str] = mapped_column(
+        String(EMAIL_MAX_LENGTH), unique=True, index=True
+    )
+    username: Mapped[str] = mapped_column(String(USERNAME_MAX_LENGTH), unique=True)
+    # The lower-cased username, so "Alice" and "alice" cannot both register.
+    username_key: Mapped[str] = mapped_column(String(USERNAME_MAX_LENGTH), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    confirmed: Mapped[bool] = mapped_column(Boolean, default=False)
+    role: Mapped[str] = mapped_column(String(32), default=Role.USER.value)
+    member_since: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # When the last confirmation email was queued, to limit how often a user
+    # can ask for another one.
+    confirmation_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    @property
+    def is_administrator(self) -> bool:
+        return self.role == Role.ADMINISTRATOR.value
+
+    @property
+    def auth_id(self) -> str:
+        """The value kept in the login cookie.
+
+        It carries a fingerprint of the password hash, so changing the password
+        ends every other login of the account.
+        """
+        fingerprint = hashlib.sha256(self.password_hash.encode()).hexdigest()[:16]
+        return f"{self.id}:{fingerprint}"
+
+    def __repr__(self) -> str:
+        return f"<User {self.id} {self.username!r}>"
+
+
+async def create_user(
+    *,
+    session: AsyncSession,
+    email: str,
+    username: str,
+    password_hash: str,
+    admin_email: str | None,
+) -> User:
+    """Add a user to `session` and flush it so it has an id; the caller commits.
+
+    The user whose address equals APP_ADMIN (`admin_email`) gets the
+    Administrator role.
+    """
+    email = normalize_email(email)
+    is_admin = admin_email is not None and email == normalize_email(admin_email)
+    now = utcnow()
+    user = User(
+        email=email,
+        username=username,
+        username_key=username.lower(),
+        password_hash=password_hash,
+        confirmed=False,
+        role=(Role.ADMINISTRATOR if is_admin else Role.USER).value,
+        member_since=now,
+        last_seen=now,
+        confirmation_sent_at=now,
+    )
+    session.add(user)
+    await session.flush()
+    return user
+
+
+async def find_user_by_email(*, session: AsyncSession, email: str) -> User | None:
+    result = await session.execute(
+        select(User).where(User.email == normalize_email(email))
+    )
+    return result.scalar_one_or_none()
+
+
+async def find_user_by_auth_id(*, session: AsyncSession, auth_id: str) -> User | None:
+    """Return the user that a login cookie names, or None if it no longer matches."""
+    user_id, _, _ = auth_id.partition(":")
+    if not user_id.isdigit():
+        return None
+    user = await session.get(User, int(user_id))
+    if user is None or user.auth_id != auth_id:
+        return None
+    return user
+
+
+async def email_taken(*, session: AsyncSession, email: str) -> bool:
+    return await find_user_by_email(session=session, email=email) is not None
+
+
+async def username_taken(*, session: AsyncSession, username: str) -> bool:
+    result = await session.execute(
+        select(func.count())
+        .select_from(User)
+        .where(User.username_key == username.lower())
+    )
+    return result.scalar_one() > 0

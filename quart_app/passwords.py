@@ -1,0 +1,88 @@
+"""Password hashing with argon2, run off the event loop.
+
+One argon2 hash at the library's default cost takes about 0.1 s of CPU and 64 MiB of
+memory, so hashing runs on a small thread pool of its own: the event loop keeps
+serving, and a burst of logins cannot take more than the pool's memory at once.
+"""
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from argon2.profiles import CHEAPEST
+from quart import Quart, current_app
+
+
+class PasswordHashing:
+    """The hasher and the pool it runs on, one per app."""
+
+    def __init__(self, *, cheap: bool = False) -> None:
+        # The cheapest profile keeps the test suite fast. It is used only when
+        # APP_ENV=testing.
+        if cheap:
+            self.hasher = PasswordHasher.from_parameters(CHEAPEST)
+        else:
+            self.hasher = PasswordHasher()
+        self._executor: ThreadPoolExecutor | None = None
+        # A hash of a random password, checked when the account does not exist, so
+        # a failed login takes as long whether or not the address is registered.
+        self._dummy_hash: str | None = None
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=min(4, os.cpu_count() or 1),
+                thread_name_prefix="password-hash",
+            )
+        return self._executor
+
+    async def hash(self, password: str) -> str:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool(), self.hasher.hash, password)
+
+    async def verify(self, password_hash: str | None, password: str) -> bool:
+        """Check `password` against `password_hash`; None checks a dummy hash."""
+        loop = asyncio.get_running_loop()
+        if password_hash is None and self._dummy_hash is None:
+            self._dummy_hash = await self.hash(os.urandom(16).hex())
+        target = password_hash or self._dummy_hash
+        try:
+            matched = await loop.run_in_executor(
+                self._pool(), self.hasher.verify, target, password
+            )
+        except (VerificationError, InvalidHashError):
+            return False
+        return matched and password_hash is not None
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+
+def init_app(app: Quart) -> None:
+    hashing = PasswordHashing(cheap=app.config["APP_ENV"] == "testing")
+    app.extensions["password_hashing"] = hashing
+
+    @app.after_serving
+    async def _close_pool() -> None:
+        hashing.close()
+
+
+async def hash_password(password: str) -> str:
+    return await current_app.extensions["password_hashing"].hash(password)
+
+
+def needs_rehash(password_hash: str) -> bool:
+    """Whether the hash was made with other parameters than the current ones."""
+    return current_app.extensions["password_hashing"].hasher.check_needs_rehash(
+        password_hash
+    )
+
+
+async def verify_password(password_hash: str | None, password: str) -> bool:
+    return await current_app.extensions["password_hashing"].verify(
+        password_hash, password
+    )

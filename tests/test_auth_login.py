@@ -1,0 +1,188 @@
+from pathlib import Path
+
+import pytest
+from quart import Quart
+
+from tests.conftest import (
+    PASSWORD,
+    Relay,
+    csrf_token,
+    login,
+    make_app,
+    page_text,
+    register,
+    serving,
+)
+
+
+def _cookie_header(response: object, name: str) -> str:
+    for header in response.headers.getlist("Set-Cookie"):  # type: ignore[attr-defined]
+        if header.startswith(f"{name}="):
+            return header
+    raise AssertionError(f"no {name} cookie set")
+
+
+async def test_login_wrong_password(app: Quart, relay: Relay) -> None:
+    async with serving(app) as client:
+        await register(client)
+        await client.get("/auth/logout")
+        response = await login(client, password="wrong password")
+        assert response.status_code == 200
+        assert "Invalid email or password." in await page_text(response)
+        assert (await client.get("/auth/unconfirmed")).status_code == 302
+
+
+async def test_login_unknown_email(app: Quart, relay: Relay) -> None:
+    async with serving(app) as client:
+        response = await login(client, email="nobody@example.com")
+        assert response.status_code == 200
+        assert "Invalid email or password." in await page_text(response)
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        {},
+        {"email": "alice@example.com"},
+        {"password": PASSWORD},
+        {"email": "alice@example.com\r\n", "password": PASSWORD + "\n"},
+        {"email": "alice@example.com", "password": "p" * 10_000},
+    ],
+)
+async def test_login_malformed_form(app: Quart, relay: Relay, form: dict) -> None:
+    async with serving(app) as client:
+        await register(client)
+        await client.get("/auth/logout")
+        token = await csrf_token(client, "/auth/login")
+        response = await client.post("/auth/login", form={"csrf_token": token, **form})
+        assert response.status_code == 200
+        page = await page_text(response)
+        assert 'class="error"' in page or "Invalid email or password." in page
+        assert (await client.get("/auth/unconfirmed")).status_code == 302
+
+
+async def test_login_missing_csrf(app: Quart, relay: Relay) -> None:
+    async with serving(app) as client:
+        await register(client)
+        await client.get("/auth/logout")
+        response = await client.post(
+            "/auth/login", form={"email": "alice@example.com", "password": PASSWORD}
+        )
+        assert response.status_code == 400
+        assert "Set-Cookie" not in response.headers or all(
+            not header.startswith("QUART_AUTH=")
+            for header in response.headers.getlist("Set-Cookie")
+        )
+
+
+@pytest.mark.parametrize(
+    ("next_path", "expected"),
+    [
+        ("/auth/unconfirmed", "/auth/unconfirmed"),
+        ("/?tab=1", "/?tab=1"),
+        ("//evil.example/", "/"),
+        ("https://evil.example/", "/"),
+        ("/\\evil.example", "/"),
+        ("javascript:alert(1)", "/"),
+        ("", "/"),
+    ],
+)
+async def test_login_next_only_local(
+    app: Quart, relay: Relay, next_path: str, expected: str
+) -> None:
+    async with serving(app) as client:
+        await register(client)
+        await client.get("/auth/logout")
+        token = await csrf_token(client, "/auth/login")
+        response = await client.post(
+            "/auth/login",
+            form={
+                "csrf_token": token,
+                "email": "alice@example.com",
+                "password": PASSWORD,
+            },
+            query_string={"next": next_path},
+        )
+        assert response.status_code == 302
+        assert response.headers["Location"] == expected
+
+
+async def test_login_cookie_flags_development(app: Quart, relay: Relay) -> None:
+    async with serving(app) as client:
+        await register(client)
+        await client.get("/auth/logout")
+        response = await login(client)
+    cookie = _cookie_header(response, "QUART_AUTH")
+    assert "HttpOnly" in cookie
+    assert "SameSite=Lax" in cookie
+    assert "Secure" not in cookie
+    assert "Expires" not in cookie
+    assert "Max-Age" not in cookie
+
+
+async def test_login_remember_me_persists(app: Quart, relay: Relay) -> None:
+    async with serving(app) as client:
+        await register(client)
+        await client.get("/auth/logout")
+        response = await login(client, remember_me=True)
+    cookie = _cookie_header(response, "QUART_AUTH")
+    assert "Max-Age=" in cookie or "Expires=" in cookie
+
+
+async def test_login_cookie_secure_in_production(
+    database_url: str, relay: Relay, tmp_path: Path
+) -> None:
+    app = make_app(
+        database_url,
+        relay.port,
+        tmp_path,
+        APP_ENV="production",
+        SECRET_KEY="a production secret for tests",
+        APP_BASE_URL="https://app.example",
+    )
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        page = await client.get("/auth/register", scheme="https")
+        text = await page_text(page)
+        token = text.split('name="csrf_token" type="hidden" value="')[1].split('"')[0]
+        response = await client.post(
+            "/auth/register",
+            scheme="https",
+            form={
+                "csrf_token": token,
+                "email": "alice@example.com",
+                "username": "alice",
+                "password": PASSWORD,
+                "password2": PASSWORD,
+            },
+        )
+        assert response.status_code == 302
+    assert "Secure" in _cookie_header(response, "QUART_AUTH")
+    assert "HttpOnly" in _cookie_header(response, "QUART_AUTH")
+    assert "Secure" in _cookie_header(response, "session")
+    # Production has no development mailbox.
+    async with app.test_app() as test_app:
+        missing = await test_app.test_client().get("/dev/mailbox", scheme="https")
+        assert missing.status_code == 404
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_logout_ends_login(app: Quart, relay: Relay, method: str) -> None:
+    async with serving(app) as client:
+        await register(client)
+        assert (await client.get("/auth/unconfirmed")).status_code == 200
+        response = await client.open("/auth/logout", method=method)
+        assert response.status_code == 302
+        assert (await client.get("/auth/unconfirmed")).status_code == 302
+        home = await client.get("/")
+        assert "Hello, stranger!" in await page_text(home)
+
+
+async def test_login_forged_cookie_ignored(app: Quart, relay: Relay) -> None:
+    async with serving(app) as client:
+        await register(client)
+        await client.get("/auth/logout")
+        client.set_cookie("localhost", "QUART_AUTH", "1:forged")
+        response = await client.get("/")
+        assert response.status_code == 200
+        assert "Hello, stranger!" in await page_text(response)
