@@ -10,7 +10,7 @@ from quart.typing import ResponseReturnValue
 from quart_auth import QuartAuth, Unauthorized
 from werkzeug.exceptions import HTTPException
 
-from quart_app import db, email, passwords
+from quart_app import db, email, outbox, passwords
 from quart_app.auth import bp as auth_bp
 from quart_app.config import (
     Settings,
@@ -20,6 +20,7 @@ from quart_app.config import (
 )
 from quart_app.dev import bp as dev_bp, init_app as init_dev_mailbox
 from quart_app.main import bp as main_bp
+from quart_app.outbox.cli import init_app as init_cli
 
 __all__ = ("create_app",)
 
@@ -49,13 +50,17 @@ def create_app(overrides: dict[str, Any] | None = None) -> Quart:
     db.init_app(app)
     passwords.init_app(app)
     email.init_app(app)
+    if app.config["DEV_MAILBOX"]:
+        # Before the outbox, so the mailbox listens when the outbox opens.
+        init_dev_mailbox(app)
+        app.register_blueprint(dev_bp)
+    outbox.init_app(app)
     _init_auth(app)
     app.register_blueprint(main_bp)
     app.register_blueprint(auth_bp)
-    if app.config["DEV_MAILBOX"]:
-        init_dev_mailbox(app)
-        app.register_blueprint(dev_bp)
 
+    init_cli(app)
+    db.dispose_last(app)
     _register_error_handlers(app)
     _register_security_headers(app)
 

@@ -77,6 +77,17 @@ class Settings(BaseSettings):
     MAIL_TIMEOUT: float = Field(10.0, gt=0)
     MAIL_LOCAL_HOSTNAME: Annotated[str | None, BeforeValidator(_empty_as_none)] = None
 
+    MAIL_MAX_CONNECTIONS: int = Field(4, ge=1)
+    MAIL_MAX_MESSAGES_PER_CONNECTION: int = Field(100, ge=1)
+    MAIL_MAX_ATTEMPTS: int = Field(8, ge=1)
+    MAIL_MAX_AGE: float = Field(2 * 24 * 3600, gt=0)
+    MAIL_RETRY_DELAY: float = Field(30.0, gt=0)
+    MAIL_RETRY_MAX_DELAY: float = Field(3600.0, gt=0)
+
+    OUTBOX_WORKER: StrictBool = True
+    OUTBOX_POLL_INTERVAL: float = Field(5.0, gt=0)
+    OUTBOX_LEASE: float = Field(120.0, gt=0)
+
     BACKGROUND_TASK_SHUTDOWN_TIMEOUT: float = Field(5.0, gt=0)
 
     @field_validator("APP_BASE_URL")
@@ -119,6 +130,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "MAIL_USE_TLS (STARTTLS, port 587) and MAIL_USE_SSL (implicit TLS, "
                 "port 465) are both set: set only one of them"
+            )
+        if self.MAIL_RETRY_MAX_DELAY < self.MAIL_RETRY_DELAY:
+            raise ValueError(
+                "MAIL_RETRY_MAX_DELAY is less than MAIL_RETRY_DELAY: raise it or "
+                "lower MAIL_RETRY_DELAY"
             )
         if (self.MAIL_USERNAME is None) != (self.MAIL_PASSWORD is None):
             raise ValueError("set both MAIL_USERNAME and MAIL_PASSWORD, or neither")

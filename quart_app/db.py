@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import DeclarativeBase, Session
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+class AppSession(Session):
+    """The app's sync session class, so its events concern only the app's sessions."""
+
+
 def create_engine(url: str) -> AsyncEngine:
     """Create the async engine for `url`, with SQLite tuned for several writers."""
     options: dict[str, Any] = {"pool_pre_ping": True}
@@ -50,16 +54,34 @@ def create_engine(url: str) -> AsyncEngine:
 
 
 def init_app(app: Quart) -> None:
-    """Open the engine when serving starts and dispose of it when serving stops."""
+    """Open the engine when serving starts and dispose of it when serving stops.
+
+    Call it before the other extensions: its opening step then runs first, and
+    its disposal, registered by `dispose_last`, runs after theirs.
+    """
 
     @app.before_serving
     async def _open_engine() -> None:
         engine = create_engine(app.config["DATABASE_URL"])
         app.extensions["db_engine"] = engine
         app.extensions["db_sessionmaker"] = async_sessionmaker(
-            engine, expire_on_commit=False
+            engine, expire_on_commit=False, sync_session_class=AppSession
         )
         await _check_schema(engine)
+
+    @app.teardown_appcontext
+    async def _close_session(_error: BaseException | None) -> None:
+        session = g.pop("db_session", None)
+        if session is not None:
+            await session.close()
+
+
+def dispose_last(app: Quart) -> None:
+    """Dispose of the engine after every after_serving function registered so far.
+
+    Quart runs after_serving functions in the order they were registered, so
+    calling this at the end of create_app lets the others still use the database.
+    """
 
     @app.after_serving
     async def _dispose_engine() -> None:
@@ -67,12 +89,6 @@ def init_app(app: Quart) -> None:
         app.extensions.pop("db_sessionmaker", None)
         if engine is not None:
             await engine.dispose()
-
-    @app.teardown_appcontext
-    async def _close_session(_error: BaseException | None) -> None:
-        session = g.pop("db_session", None)
-        if session is not None:
-            await session.close()
 
 
 def get_session() -> AsyncSession:

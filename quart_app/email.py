@@ -1,36 +1,38 @@
-"""Email: render both parts in the view, send over aiosmtplib in a background task.
+"""Email: render both parts in the view, deliver over aiosmtplib in the background.
 
 `send_email` renders the text and HTML templates inside the request, builds the
-message, and hands it to `app.add_background_task`, so the view returns without
-waiting for SMTP and no thread is started. The task runs in the app context and
-logs one ERROR line if the relay rejects the message or cannot be reached.
+message and writes it to the outbox in the request's database session. When the
+view commits, a background task started with `app.add_background_task` sends it
+in the app context, so the view never waits for SMTP and no thread is started.
 """
 
 import ipaddress
-import logging
 import ssl
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid, parseaddr
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiosmtplib
 from quart import Quart, current_app, render_template
 
-logger = logging.getLogger(__name__)
+from quart_app.db import get_session
+from quart_app.models import OutboxMessage
+from quart_app.outbox import enqueue
 
 
 async def send_email(
-    to: str, subject: str, template: str, **context: object
-) -> EmailMessage:
-    """Render `template` and send it to `to` in the background.
+    to: str, subject: str, template: str, **context: Any
+) -> OutboxMessage:
+    """Render `template` and queue it for `to` in the current database session.
 
     `template` names a pair of templates without extension, such as
     ``"email/confirm"``: ``email/confirm.txt`` becomes the text/plain part and
     ``email/confirm.html`` the text/html part. The subject gets
-    MAIL_SUBJECT_PREFIX in front of it.
+    MAIL_SUBJECT_PREFIX in front of it. A ``user`` in `context` is recorded on
+    the outbox row, for the logs.
 
-    Returns the message, already queued. Delivery errors are logged, never raised.
+    The email goes out only once the caller commits the session, and not at all
+    if it rolls back. Delivery errors are retried and logged, never raised here.
 
     Raises:
         ValueError: `to` or `subject` contains a line break, which could add a
@@ -39,8 +41,13 @@ async def send_email(
     text = await render_template(f"{template}.txt", **context)
     html = await render_template(f"{template}.html", **context)
     message = build_message(to=to, subject=subject, text=text, html=html)
-    current_app.add_background_task(deliver, message)
-    return message
+    user = context.get("user")
+    user_id = getattr(user, "id", None)
+    return await enqueue(
+        message,
+        session=get_session(),
+        user_id=user_id if isinstance(user_id, int) else None,
+    )
 
 
 def build_message(*, to: str, subject: str, text: str, html: str) -> EmailMessage:
@@ -60,59 +67,6 @@ def build_message(*, to: str, subject: str, text: str, html: str) -> EmailMessag
     message.set_content(text)
     message.add_alternative(html, subtype="html")
     return message
-
-
-async def deliver(message: EmailMessage) -> bool:
-    """Send `message` to the configured relay; return whether it was accepted.
-
-    A failure is logged as one ERROR line with the recipients, the subject and the
-    relay's reply; the exception is not raised, so the app goes on serving.
-    """
-    options = smtp_options()
-    recipients = message["To"]
-    subject = message["Subject"]
-    if options is None:
-        logger.error(
-            "Email to %s (%r) not sent: MAIL_SERVER is not set", recipients, subject
-        )
-        return False
-    try:
-        refused, reply = await aiosmtplib.send(message, **options)
-    except aiosmtplib.SMTPRecipientsRefused as error:
-        replies = "; ".join(
-            f"{r.recipient}: {r.code} {r.message}" for r in error.recipients
-        )
-        logger.error(
-            "Email to %s (%r) failed: refused %s", recipients, subject, replies
-        )
-        return False
-    except aiosmtplib.SMTPResponseException as error:
-        logger.error(
-            "Email to %s (%r) failed: %s %s",
-            recipients,
-            subject,
-            error.code,
-            error.message,
-        )
-        return False
-    except (aiosmtplib.SMTPException, OSError) as error:
-        logger.error(
-            "Email to %s (%r) failed: %s:%s did not accept it: %s",
-            recipients,
-            subject,
-            options["hostname"],
-            options["port"],
-            error or type(error).__name__,
-        )
-        return False
-
-    if refused:
-        partial = "; ".join(
-            f"{address}: {code} {text}" for address, (code, text) in refused.items()
-        )
-        logger.warning("Email %r was refused for some recipients: %s", subject, partial)
-    logger.info("Email to %s (%r) sent: %s", recipients, subject, reply)
-    return True
 
 
 def smtp_options() -> dict[str, Any] | None:

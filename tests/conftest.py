@@ -52,12 +52,32 @@ class Relay:
     data_started: asyncio.Event = field(default_factory=asyncio.Event)
     # A full reply line such as "451 4.3.0 Try again later" replaces the 250.
     reply: str | None = None
+    # Replies for the next messages, one each, before `reply` applies again; None
+    # in the list accepts that message.
+    replies: list[str | None] = field(default_factory=list)
     # Close the connection at DATA without replying.
     drop: bool = False
+    # Addresses refused at RCPT TO with 550.
+    refused_recipients: set[str] = field(default_factory=set)
+    # The client address and port of each accepted message, one per connection.
+    peers: list[tuple[str, int]] = field(default_factory=list)
 
     async def next_message(self, within: float = 10.0) -> EmailMessage:
         """Wait up to `within` seconds for the next accepted message."""
         return await asyncio.wait_for(self.queue.get(), within)
+
+    async def handle_RCPT(  # noqa: N802 - the name aiosmtpd calls
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if address in self.refused_recipients:
+            return "550 5.1.1 No such user"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
 
     async def handle_DATA(  # noqa: N802 - the name aiosmtpd calls
         self, server: SMTP, session: Session, envelope: Envelope
@@ -65,12 +85,17 @@ class Relay:
         self.data_started.set()
         if self.hold:
             await self.release.wait()
+        if server.transport is None or server.transport.is_closing():
+            # The client went away while DATA was held, so it never learns of
+            # the message: record nothing, as no reply reaches it.
+            return "421 4.4.2 Connection lost"
         if self.drop:
-            assert server.transport is not None
             server.transport.abort()
-            return "421 closing"
-        if self.reply is not None:
-            return self.reply
+            return "421 4.4.2 Closing"
+        reply = self.replies.pop(0) if self.replies else self.reply
+        if reply is not None:
+            return reply
+        self.peers.append(session.peer)
         message = message_from_bytes(
             envelope.original_content or b"", policy=policy.default
         )

@@ -87,8 +87,8 @@ async def test_register_returns_while_relay_holds(app: Quart, relay: Relay) -> N
         await asyncio.wait_for(relay.data_started.wait(), 10)
         assert relay.messages == []
         relay.release.set()
-        message = await relay.next_message()
-        assert "Confirm Your Account" in message["Subject"]
+        subjects = {(await relay.next_message())["Subject"] for _ in range(2)}
+        assert "[Quart App] Confirm Your Account" in subjects
 
 
 async def test_register_admin_gets_role(app: Quart, relay: Relay) -> None:

@@ -5,13 +5,18 @@ from pathlib import Path
 
 import pytest
 from quart import Quart
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from quart_app.db import create_engine, get_session
 from quart_app.email import send_email
+from quart_app.models import OutboxMessage
 from tests.conftest import (
     ADMIN_EMAIL,
     Relay,
     csrf_token,
     free_port,
+    login,
     make_app,
     page_text,
     parts_of,
@@ -20,46 +25,73 @@ from tests.conftest import (
 )
 
 
-def _errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+def _delivery_logs(
+    caplog: pytest.LogCaptureFixture, level: int
+) -> list[logging.LogRecord]:
     return [
         record
         for record in caplog.records
-        if record.name == "quart_app.email" and record.levelno == logging.ERROR
+        if record.name == "quart_app.outbox.delivery" and record.levelno == level
     ]
 
 
-@pytest.mark.parametrize(
-    ("reply", "shown"),
-    [
-        ("550 5.7.1 Relaying denied", "550 5.7.1 Relaying denied"),
-        ("451 4.3.0 Try again later", "451 4.3.0 Try again later"),
-    ],
-)
-async def test_relay_refusal_logged_and_serving(
-    app: Quart, relay: Relay, caplog: pytest.LogCaptureFixture, reply: str, shown: str
+async def _outbox(app: Quart) -> list[OutboxMessage]:
+    engine = create_engine(app.config["DATABASE_URL"])
+    try:
+        async with AsyncSession(engine) as session:
+            result = await session.execute(
+                select(OutboxMessage).order_by(OutboxMessage.id)
+            )
+            return list(result.scalars())
+    finally:
+        await engine.dispose()
+
+
+async def test_relay_permanent_refusal_logged(
+    app: Quart, relay: Relay, caplog: pytest.LogCaptureFixture
 ) -> None:
-    relay.reply = reply
+    relay.reply = "550 5.7.1 Relaying denied"
     async with serving(app) as client:
         response = await register(client)
         assert response.status_code == 302
-    errors = _errors(caplog)
+    errors = _delivery_logs(caplog, logging.ERROR)
     assert len(errors) == 2
     confirm_error = next(r for r in errors if "Confirm Your Account" in r.getMessage())
     assert "alice@example.com" in confirm_error.getMessage()
-    assert shown in confirm_error.getMessage()
+    assert "550 5.7.1 Relaying denied" in confirm_error.getMessage()
     assert relay.messages == []
+    rows = await _outbox(app)
+    assert [row.status for row in rows] == ["failed", "failed"]
+    assert all(row.last_error == "550 5.7.1 Relaying denied" for row in rows)
 
     # The app goes on serving, and once the relay accepts, resend works.
     relay.reply = None
     async with serving(app) as client:
-        from tests.conftest import login
-
         assert (await login(client)).status_code == 302
         token = await csrf_token(client, "/auth/unconfirmed")
         resent = await client.post("/auth/confirm", form={"csrf_token": token})
         assert resent.status_code == 302
         message = await relay.next_message()
     assert "Confirm Your Account" in message["Subject"]
+
+
+async def test_relay_transient_refusal_logged(
+    app: Quart, relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay.reply = "451 4.3.0 Try again later"
+    async with serving(app) as client:
+        assert (await register(client)).status_code == 302
+        assert (await client.get("/auth/unconfirmed")).status_code == 200
+    warnings = _delivery_logs(caplog, logging.WARNING)
+    assert len(warnings) == 2
+    line = next(r for r in warnings if "Confirm Your Account" in r.getMessage())
+    assert "alice@example.com" in line.getMessage()
+    assert "451 4.3.0 Try again later" in line.getMessage()
+    assert "attempt 1" in line.getMessage()
+    assert "next attempt in" in line.getMessage()
+    rows = await _outbox(app)
+    assert [row.status for row in rows] == ["pending", "pending"]
+    assert all(row.attempts == 1 for row in rows)
 
 
 async def test_relay_down_logged_and_serving(
@@ -72,10 +104,11 @@ async def test_relay_down_logged_and_serving(
         assert response.status_code == 302
         home = await client.get("/auth/unconfirmed")
         assert home.status_code == 200
-    errors = _errors(caplog)
-    assert len(errors) == 2
-    assert all(f"127.0.0.1:{port}" in record.getMessage() for record in errors)
-    assert any("alice@example.com" in record.getMessage() for record in errors)
+    warnings = _delivery_logs(caplog, logging.WARNING)
+    assert len(warnings) == 2
+    assert any("alice@example.com" in record.getMessage() for record in warnings)
+    assert all("next attempt in" in record.getMessage() for record in warnings)
+    assert [row.status for row in await _outbox(app)] == ["pending", "pending"]
 
 
 async def test_relay_drop_logged(
@@ -84,8 +117,9 @@ async def test_relay_drop_logged(
     relay.drop = True
     async with serving(app) as client:
         assert (await register(client)).status_code == 302
-    assert len(_errors(caplog)) == 2
+    assert len(_delivery_logs(caplog, logging.WARNING)) == 2
     assert relay.messages == []
+    assert [row.status for row in await _outbox(app)] == ["pending", "pending"]
 
 
 async def test_relay_silent_times_out(
@@ -111,19 +145,21 @@ async def test_relay_silent_times_out(
             writer.close()
         server.close()
         await server.wait_closed()
-    errors = _errors(caplog)
-    assert len(errors) == 2
-    assert any("alice@example.com" in record.getMessage() for record in errors)
+    warnings = _delivery_logs(caplog, logging.WARNING)
+    assert len(warnings) == 2
+    assert all("timed out" in record.getMessage() for record in warnings)
 
 
 async def test_send_email_starts_no_thread(
     app: Quart, relay: Relay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    started: list[threading.Thread] = []
+    # The module of each started thread's target; Thread.run deletes the target.
+    started: list[str | None] = []
     original_start = threading.Thread.start
 
     def _recording_start(self: threading.Thread) -> None:
-        started.append(self)
+        target = getattr(self, "_target", None)
+        started.append(getattr(target, "__module__", None))
         original_start(self)
 
     async with app.test_app():
@@ -132,10 +168,15 @@ async def test_send_email_starts_no_thread(
             await send_email(
                 "bob@example.com", "Hello", "email/new_user", user=_FakeUser()
             )
+            await get_session().commit()
         message = await relay.next_message()
         monkeypatch.undo()
     assert message["Subject"] == "[Quart App] Hello"
-    assert started == []
+    # aiosqlite runs each SQLite connection on a thread of its own, so opening a
+    # database connection may start one; nothing else may.
+    assert [module for module in started if module != "aiosqlite.core"] == []
+    if not app.config["DATABASE_URL"].startswith("sqlite"):
+        assert started == []
 
 
 class _FakeUser:
@@ -149,6 +190,7 @@ async def test_send_email_escapes_html_part(app: Quart, relay: Relay) -> None:
             await send_email(
                 ADMIN_EMAIL, "New User", "email/new_user", user=_FakeUser()
             )
+            await get_session().commit()
         message = await relay.next_message()
     text, html = parts_of(message)
     assert "<b>bob</b> & co" in text

@@ -83,14 +83,19 @@ async def register() -> ResponseReturnValue:
     if form.errors:
         return await _render_form("auth/register.html", form)
 
-    user = await create_user(
-        session=session,
-        email=email,
-        username=form.username.data,
-        password_hash=await hash_password(form.password.data),
-        admin_email=current_app.config["APP_ADMIN"],
-    )
     try:
+        user = await create_user(
+            session=session,
+            email=email,
+            username=form.username.data,
+            password_hash=await hash_password(form.password.data),
+            admin_email=current_app.config["APP_ADMIN"],
+        )
+        # The emails are written to the outbox in the same transaction as the
+        # user, so a signup that fails to commit sends nothing and one that
+        # commits always has its emails.
+        await send_confirmation(user)
+        await send_new_user_notice(user)
         await session.commit()
     except IntegrityError:
         # Another request registered the same address or name after our check.
@@ -98,10 +103,8 @@ async def register() -> ResponseReturnValue:
         form.email.errors.append("That email address or username is already taken.")
         return await _render_form("auth/register.html", form)
 
-    await send_confirmation(user)
-    await send_new_user_notice(user)
     login_user(AuthUser(user.auth_id))
-    await flash("A confirmation email has been sent to you by email.", "info")
+    await flash("A confirmation email has been sent to your address.", "info")
     return redirect(url_for("auth.unconfirmed"))
 
 
@@ -184,9 +187,9 @@ async def resend_confirmation() -> ResponseReturnValue:
         return redirect(url_for("auth.unconfirmed"))
 
     account.confirmation_sent_at = utcnow()
-    await get_session().commit()
     await send_confirmation(account)
-    await flash("A new confirmation email has been sent to you by email.", "info")
+    await get_session().commit()
+    await flash("A new confirmation email has been sent to your address.", "info")
     return redirect(url_for("auth.unconfirmed"))
 
 

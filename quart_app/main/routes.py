@@ -6,6 +6,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from quart_app.db import get_session
+from quart_app.outbox import outbox_stats
 
 bp = Blueprint("main", __name__)
 logger = logging.getLogger(__name__)
@@ -19,8 +20,10 @@ async def index() -> ResponseReturnValue:
 @bp.get("/healthz")
 async def healthz() -> ResponseReturnValue:
     try:
-        await get_session().execute(text("SELECT 1"))
+        session = get_session()
+        await session.execute(text("SELECT 1"))
+        stats = await outbox_stats(session)
     except (SQLAlchemyError, OSError) as error:
         logger.error("Health check failed: the database did not answer: %s", error)
         return {"status": "error", "database": "unavailable"}, 503
-    return {"status": "ok", "database": "ok"}
+    return {"status": "ok", "database": "ok", "outbox": stats}

@@ -1,0 +1,174 @@
+"""Command-line tools: ``quart --app quart_app outbox ...`` and ``send-test-email``."""
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import click
+from email_validator import EmailNotValidError, validate_email
+from quart import Quart
+from quart.cli import ScriptInfo
+from sqlalchemy import func, select
+
+from quart_app.db import session_scope
+from quart_app.email import send_email
+from quart_app.models import OutboxMessage, OutboxStatus, utcnow
+from quart_app.outbox.delivery import Outbox, outbox_stats
+
+outbox_cli = click.Group("outbox", help="Inspect and deliver the email outbox.")
+
+
+def _run(work: Callable[[Quart], Awaitable[Any]], *, deliver_loop: bool = False) -> Any:
+    """Start the app as a server would, run `work`, then shut the app down.
+
+    Startup opens the database and the SMTP pool (and, in development, the
+    mailbox). The delivery loop runs only when `deliver_loop` is true. Shutdown
+    waits for the sends that `work` queued.
+    """
+    app = click.get_current_context().ensure_object(ScriptInfo).load_app()
+    app.config["OUTBOX_WORKER"] = deliver_loop
+
+    async def main() -> Any:
+        await app.startup()
+        try:
+            async with app.app_context():
+                return await work(app)
+        finally:
+            await app.shutdown()
+
+    return asyncio.run(main())
+
+
+@outbox_cli.command("status")
+def status_command() -> None:
+    """Print the outbox counts by status and list the failed messages."""
+
+    async def work(_app: Quart) -> None:
+        async with session_scope() as session:
+            counts = dict(
+                (
+                    await session.execute(
+                        select(OutboxMessage.status, func.count()).group_by(
+                            OutboxMessage.status
+                        )
+                    )
+                ).all()
+            )
+            stats = await outbox_stats(session)
+            failed = (
+                await session.execute(
+                    select(OutboxMessage)
+                    .where(OutboxMessage.status == OutboxStatus.FAILED.value)
+                    .order_by(OutboxMessage.id.desc())
+                    .limit(50)
+                )
+            ).scalars()
+            for status in OutboxStatus:
+                click.echo(f"{status.value:>8}: {counts.get(status.value, 0)}")
+            age = stats["oldest_pending_age_seconds"]
+            if age is not None:
+                click.echo(f"oldest pending message: {age:.0f} s old")
+            for row in failed:
+                click.echo(
+                    f"failed {row.id}: to {', '.join(row.recipients)} {row.subject!r}, "
+                    f"{row.attempts} attempts, last error: {row.last_error}"
+                )
+
+    _run(work)
+
+
+@outbox_cli.command("send-pending")
+@click.option(
+    "--once",
+    is_flag=True,
+    help="Send what is due now and exit, instead of running until SIGTERM or Ctrl+C.",
+)
+def send_pending_command(once: bool) -> None:
+    """Deliver pending messages: a delivery worker for a host that serves no pages.
+
+    Several of these, and the serving processes, may run against one database:
+    each message is claimed by one worker at a time.
+    """
+
+    async def work(app: Quart) -> None:
+        outbox: Outbox = app.extensions["outbox"]
+        if once:
+            claimed = await outbox.deliver_due()
+            click.echo(f"claimed {claimed} messages")
+            return
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signal_number in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signal_number, stop.set)
+        await outbox.run(stop)
+
+    _run(work)
+
+
+@outbox_cli.command("retry")
+@click.argument("message_id", type=int)
+def retry_command(message_id: int) -> None:
+    """Queue failed message MESSAGE_ID for delivery again."""
+
+    async def work(_app: Quart) -> str:
+        async with session_scope() as session:
+            return await retry_message(session=session, message_id=message_id)
+
+    outcome = _run(work)
+    click.echo(outcome)
+    if not outcome.startswith("queued"):
+        raise SystemExit(1)
+
+
+async def retry_message(*, session: Any, message_id: int) -> str:
+    """Move a failed row back to pending with a fresh count of attempts.
+
+    Returns a sentence that starts with "queued" on success and otherwise says
+    why nothing changed.
+    """
+    row = await session.get(OutboxMessage, message_id)
+    if row is None:
+        return f"outbox message {message_id} not found"
+    if row.status != OutboxStatus.FAILED.value:
+        return f"outbox message {message_id} is {row.status}, not failed"
+    row.status = OutboxStatus.PENDING.value
+    row.attempts = 0
+    row.next_attempt_at = utcnow()
+    await session.commit()
+    return f"queued outbox message {message_id} for delivery"
+
+
+@click.command("send-test-email")
+@click.argument("address")
+def send_test_email_command(address: str) -> None:
+    """Send a test email to ADDRESS through the relay and report what happened."""
+    try:
+        address = validate_email(address, check_deliverability=False).normalized
+    except EmailNotValidError as error:
+        raise click.BadParameter(str(error), param_hint="ADDRESS") from None
+
+    async def work(_app: Quart) -> int:
+        from quart_app.db import get_session
+
+        row = await send_email(address, "Test email", "email/test")
+        await get_session().commit()
+        return row.id
+
+    message_id = _run(work)
+
+    async def report(_app: Quart) -> OutboxMessage | None:
+        async with session_scope() as session:
+            return await session.get(OutboxMessage, message_id)
+
+    row = _run(report)
+    if row is None or row.status != OutboxStatus.SENT.value:
+        error = row.last_error if row is not None else "row missing"
+        click.echo(f"test email {message_id} to {address} not sent: {error}", err=True)
+        raise SystemExit(1)
+    click.echo(f"test email {message_id} sent to {address}")
+
+
+def init_app(app: Quart) -> None:
+    app.cli.add_command(outbox_cli)
+    app.cli.add_command(send_test_email_command)
