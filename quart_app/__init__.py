@@ -24,7 +24,7 @@ from quart_app.outbox.cli import init_app as init_cli
 
 __all__ = ("create_app",)
 
-# Where hypercorn.toml binds, used for links in development when APP_BASE_URL is unset.
+# The address hypercorn.toml binds, used for links when APP_BASE_URL is unset.
 DEVELOPMENT_BASE_URL = "http://127.0.0.1:8000"
 
 

@@ -127,8 +127,8 @@ def _sessionmaker() -> async_sessionmaker[AsyncSession]:
 
 
 async def _check_schema(engine: AsyncEngine) -> None:
-    # The app still starts, so /healthz can report the problem, but the log says
-    # at once what is wrong and how to fix it.
+    # The app still starts, so /healthz can report the problem, but the log
+    # states at once what is wrong and how to fix it.
     shown_url = engine.url.render_as_string(hide_password=True)
     try:
         async with engine.connect() as connection:
@@ -137,7 +137,7 @@ async def _check_schema(engine: AsyncEngine) -> None:
             )
     except (SQLAlchemyError, OSError) as error:
         logger.error(
-            "The database at %s did not answer at start-up: %s", shown_url, error
+            "The database at %s did not respond at start-up: %s", shown_url, error
         )
         return
     missing = sorted(set(Base.metadata.tables) - tables)

@@ -116,7 +116,7 @@ class OutboxStatus(StrEnum):
 
 
 class OutboxMessage(Base):
-    """An email waiting for delivery, or the record of one that was delivered.
+    """An email waiting for delivery, or the record of a delivered one.
 
     A row is written in the same transaction as the change that caused the email,
     so a committed signup always has its email and a rolled-back one has none.
@@ -145,7 +145,7 @@ class OutboxMessage(Base):
     refused_recipients: Mapped[dict[str, str] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    # A worker that claims the row sets a fresh token and an expiry; another
+    # A worker that claims the row sets a fresh token and an expiry. Another
     # worker may take the row over only once the lease has expired.
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_token: Mapped[str | None] = mapped_column(String(32))

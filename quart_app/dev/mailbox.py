@@ -47,7 +47,7 @@ class MailboxStore:
         ).encode()
         partial = self.folder / f".{message_id}.tmp"
         partial.write_bytes(envelope + content)
-        # The rename is atomic, so a listing never sees half a message.
+        # The rename is atomic, so a listing never reads half a message.
         os.replace(partial, self.folder / f"{message_id}.eml")
         return message_id
 

@@ -24,6 +24,6 @@ async def healthz() -> ResponseReturnValue:
         await session.execute(text("SELECT 1"))
         stats = await outbox_stats(session)
     except (SQLAlchemyError, OSError) as error:
-        logger.error("Health check failed: the database did not answer: %s", error)
+        logger.error("Health check failed: the database did not respond: %s", error)
         return {"status": "error", "database": "unavailable"}, 503
     return {"status": "ok", "database": "ok", "outbox": stats}

@@ -1,7 +1,7 @@
 """The email outbox: rows written with the change that caused them, then delivered.
 
 `enqueue` adds a row to the caller's session. When that session commits, the rows
-it wrote are handed to `app.add_background_task` for immediate delivery; if it
+it wrote are handed to `app.add_background_task` for immediate delivery. If it
 rolls back, they are gone with the rest of the change.
 """
 

@@ -124,8 +124,8 @@ def retry_command(message_id: int) -> None:
 async def retry_message(*, session: Any, message_id: int) -> str:
     """Move a failed row back to pending with a fresh count of attempts.
 
-    Returns a sentence that starts with "queued" on success and otherwise says
-    why nothing changed.
+    Returns a sentence that starts with "queued" on success and otherwise
+    explains why nothing changed.
     """
     row = await session.get(OutboxMessage, message_id)
     if row is None:

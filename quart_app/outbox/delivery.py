@@ -219,9 +219,9 @@ class Outbox:
                 return None
             return await self._claim(session, id_)
 
-        # SQLite ignores FOR UPDATE, so the conditional UPDATE in _claim decides:
-        # of two workers that read the same candidate, one changes the row and
-        # the other sees a row count of 0 and tries the next candidate.
+        # SQLite ignores FOR UPDATE, so the conditional UPDATE in _claim decides.
+        # Of two workers that read the same candidate, one changes the row, and
+        # the other gets a row count of 0 and tries the next candidate.
         candidates = list(
             (await session.execute(due.limit(_SQLITE_CANDIDATES))).scalars()
         )

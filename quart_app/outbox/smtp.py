@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SendResult:
-    """What the relay replied to a message it accepted for some recipients."""
+    """The relay's reply to an accepted message, and the recipients it refused."""
 
     reply: str
     # Recipients the relay refused while it accepted the others: address -> reply.
