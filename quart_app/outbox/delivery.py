@@ -136,9 +136,22 @@ class Outbox:
 
     async def deliver(self, ids: list[int]) -> None:
         """Send the rows `ids`, written by a transaction that just committed."""
-        await asyncio.gather(
-            *(self._deliver_one(self._claim_by_id(id_)) for id_ in ids)
+        outcomes = await asyncio.gather(
+            *(self._deliver_one(self._claim_by_id(id_)) for id_ in ids),
+            return_exceptions=True,
         )
+        for id_, outcome in zip(ids, outcomes, strict=True):
+            if isinstance(outcome, SQLAlchemyError | OSError):
+                # The row is still in the outbox, pending or leased, so the
+                # delivery loop sends it once the database responds again.
+                logger.error(
+                    "Outbox %d: the database failed during delivery; the delivery "
+                    "loop will retry it: %s",
+                    id_,
+                    outcome,
+                )
+            elif isinstance(outcome, BaseException):
+                raise outcome
 
     async def deliver_due(self, stop: asyncio.Event | None = None) -> int:
         """Send every row that is due, over up to MAIL_MAX_CONNECTIONS connections.
