@@ -395,6 +395,10 @@ async def test_expired_lease_taken_over(
     [row] = await _rows(app)
     assert row.status == "sent"
     assert row.attempts == 2
+    assert row.last_error == (
+        "taken over: the lease of worker dead-worker expired before it recorded "
+        "the outcome"
+    )
     assert len(relay.messages) == 2
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import aiosmtplib
 from quart import Quart
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, func, literal, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
@@ -33,6 +33,8 @@ from quart_app.outbox.smtp import SendResult, SMTPPool
 
 logger = logging.getLogger(__name__)
 
+# The start of last_error on a row taken over from a worker whose lease expired.
+_TAKEOVER = "taken over: the lease of worker "
 # How many due rows a SQLite worker reads before it tries to claim one of them.
 _SQLITE_CANDIDATES = 20
 
@@ -254,6 +256,17 @@ class Outbox:
             .values(
                 status=OutboxStatus.SENDING.value,
                 attempts=OutboxMessage.attempts + 1,
+                # A row still marked as sending had a worker that stopped before it
+                # recorded the outcome; the relay may or may not have accepted it.
+                last_error=case(
+                    (
+                        OutboxMessage.status == OutboxStatus.SENDING.value,
+                        literal(_TAKEOVER)
+                        + func.coalesce(OutboxMessage.lease_owner, "unknown")
+                        + literal(" expired before it recorded the outcome"),
+                    ),
+                    else_=OutboxMessage.last_error,
+                ),
                 lease_owner=self.worker_id,
                 lease_token=token,
                 lease_expires_at=now + self.lease,
@@ -266,8 +279,10 @@ class Outbox:
         row = await session.get(OutboxMessage, id_, populate_existing=True)
         if row is None or row.lease_token != token:
             return None
-        if row.attempts > 1 and row.last_error is None:
-            row.last_error = "a worker stopped while sending"
+        if row.last_error is not None and row.last_error.startswith(_TAKEOVER):
+            logger.warning(
+                "Outbox %d attempt %d: %s", row.id, row.attempts, row.last_error
+            )
         return row
 
     async def _record_sent(self, row: OutboxMessage, result: SendResult) -> None:
