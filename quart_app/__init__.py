@@ -19,6 +19,7 @@ from quart_app.config import (
     resolve_secret_key,
 )
 from quart_app.dev import bp as dev_bp, init_app as init_dev_mailbox
+from quart_app.errors import ConfigError
 from quart_app.main import bp as main_bp
 from quart_app.outbox.cli import init_app as init_cli
 
@@ -44,7 +45,14 @@ def create_app(overrides: dict[str, Any] | None = None) -> Quart:
         if settings.INSTANCE_PATH
         else None,
     )
-    _configure(app, settings, Path(app.instance_path))
+    instance_path = Path(app.instance_path)
+    try:
+        _configure(app, settings, instance_path)
+    except OSError as error:
+        raise ConfigError(
+            f"Invalid setting INSTANCE_PATH={str(instance_path)!r}: the folder "
+            f"cannot be created or written ({error.strerror}): choose a writable one."
+        ) from None
     app.logger.setLevel(settings.LOG_LEVEL)
 
     db.init_app(app)
@@ -135,8 +143,10 @@ def _register_error_handlers(app: Quart) -> None:
 
     @app.errorhandler(Exception)
     async def _server_error(error: Exception) -> ResponseReturnValue:
+        # The route's rule, not the path, so a token in a link stays out of the log.
+        rule = request.url_rule.rule if request.url_rule is not None else "?"
         app.logger.exception(
-            "Unhandled error on %s %s", request.method, request.path, exc_info=error
+            "Unhandled error on %s %s", request.method, rule, exc_info=error
         )
         page = await render_template("error.html", error=None)
         return page, 500

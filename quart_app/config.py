@@ -6,13 +6,14 @@ variable and the fix.
 """
 
 import secrets
+from email.utils import parseaddr
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+from email_validator import EmailNotValidError, validate_email
 from pydantic import (
     BeforeValidator,
-    EmailStr,
     Field,
     SecretStr,
     ValidationError,
@@ -20,9 +21,12 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from quart_app.errors import ConfigError
 
+_ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 
@@ -51,7 +55,10 @@ def _empty_as_none(value: Any) -> Any:
 class Settings(BaseSettings):
     """The app's settings, from keyword arguments first and the environment second."""
 
-    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore")
+    # An empty variable counts as unset, as with `MAIL_USE_TLS=` in a compose file.
+    model_config = SettingsConfigDict(
+        case_sensitive=True, extra="ignore", env_ignore_empty=True
+    )
 
     APP_ENV: Literal["development", "production", "testing"] = "development"
     SECRET_KEY: Annotated[SecretStr | None, BeforeValidator(_empty_as_none)] = None
@@ -60,7 +67,7 @@ class Settings(BaseSettings):
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     APP_BASE_URL: Annotated[str | None, BeforeValidator(_empty_as_none)] = None
-    APP_ADMIN: Annotated[EmailStr | None, BeforeValidator(_empty_as_none)] = None
+    APP_ADMIN: Annotated[str | None, BeforeValidator(_empty_as_none)] = None
     TOKEN_MAX_AGE: int = Field(3600, gt=0)
     CONFIRMATION_RESEND_INTERVAL: int = Field(60, ge=0)
 
@@ -74,21 +81,21 @@ class Settings(BaseSettings):
     MAIL_PASSWORD: Annotated[SecretStr | None, BeforeValidator(_empty_as_none)] = None
     MAIL_DEFAULT_SENDER: Annotated[str | None, BeforeValidator(_empty_as_none)] = None
     MAIL_SUBJECT_PREFIX: str = "[Quart App]"
-    MAIL_TIMEOUT: float = Field(10.0, gt=0)
+    MAIL_TIMEOUT: float = Field(10.0, gt=0, allow_inf_nan=False)
     MAIL_LOCAL_HOSTNAME: Annotated[str | None, BeforeValidator(_empty_as_none)] = None
 
     MAIL_MAX_CONNECTIONS: int = Field(4, ge=1)
     MAIL_MAX_MESSAGES_PER_CONNECTION: int = Field(100, ge=1)
     MAIL_MAX_ATTEMPTS: int = Field(8, ge=1)
-    MAIL_MAX_AGE: float = Field(2 * 24 * 3600, gt=0)
-    MAIL_RETRY_DELAY: float = Field(30.0, gt=0)
-    MAIL_RETRY_MAX_DELAY: float = Field(3600.0, gt=0)
+    MAIL_MAX_AGE: float = Field(2 * 24 * 3600, gt=0, allow_inf_nan=False)
+    MAIL_RETRY_DELAY: float = Field(30.0, gt=0, allow_inf_nan=False)
+    MAIL_RETRY_MAX_DELAY: float = Field(3600.0, gt=0, allow_inf_nan=False)
 
     OUTBOX_WORKER: StrictBool = True
-    OUTBOX_POLL_INTERVAL: float = Field(5.0, gt=0)
-    OUTBOX_LEASE: float = Field(120.0, gt=0)
+    OUTBOX_POLL_INTERVAL: float = Field(5.0, gt=0, allow_inf_nan=False)
+    OUTBOX_LEASE: float = Field(120.0, gt=0, allow_inf_nan=False)
 
-    BACKGROUND_TASK_SHUTDOWN_TIMEOUT: float = Field(5.0, gt=0)
+    BACKGROUND_TASK_SHUTDOWN_TIMEOUT: float = Field(5.0, gt=0, allow_inf_nan=False)
 
     @field_validator("APP_BASE_URL")
     @classmethod
@@ -111,6 +118,53 @@ class Settings(BaseSettings):
         except ValueError:
             raise ValueError("the port must be a number from 1 to 65535") from None
         return f"{parts.scheme}://{parts.netloc}"
+
+    @field_validator("DATABASE_URL")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError(
+                "not a database URL: use sqlite+aiosqlite:///PATH or "
+                "postgresql+asyncpg://USER:PASSWORD@HOST/DATABASE"
+            ) from None
+        backend = url.get_backend_name()
+        driver = _ASYNC_DRIVERS.get(backend)
+        if driver is None:
+            raise ValueError("use a SQLite or PostgreSQL URL")
+        if url.get_driver_name() != driver:
+            raise ValueError(f"use the async driver: {backend}+{driver}://...")
+        return value
+
+    @field_validator("APP_ADMIN")
+    @classmethod
+    def _check_admin(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            validate_email(value, check_deliverability=False, allow_smtputf8=False)
+        except EmailNotValidError as error:
+            raise ValueError(
+                f"use an address such as admin@example.com: {error}"
+            ) from None
+        return value.strip()
+
+    @field_validator("MAIL_DEFAULT_SENDER")
+    @classmethod
+    def _check_sender(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _, address = parseaddr(value)
+        try:
+            validate_email(address, check_deliverability=False, allow_smtputf8=False)
+        except EmailNotValidError as error:
+            raise ValueError(
+                f"use an address such as 'Acme <noreply@example.com>': {error}"
+            ) from None
+        return value
 
     @field_validator(
         "MAIL_SERVER",
@@ -147,6 +201,12 @@ class Settings(BaseSettings):
             if missing:
                 raise ValueError(
                     f"{', '.join(missing)} must be set when APP_ENV=production"
+                )
+            secret = self.SECRET_KEY
+            if secret is not None and len(secret.get_secret_value()) < 16:
+                raise ValueError(
+                    "SECRET_KEY is too short for production: use at least 32 random "
+                    "characters"
                 )
         return self
 

@@ -56,6 +56,8 @@ def build_message(*, to: str, subject: str, text: str, html: str) -> EmailMessag
     sender = config["MAIL_DEFAULT_SENDER"]
     prefix = config["MAIL_SUBJECT_PREFIX"]
 
+    if not to.isascii():
+        raise ValueError(f"cannot send to {to!r}: the address is not ASCII")
     message = EmailMessage()
     # The default policy raises ValueError on a CR or LF in a header value, so
     # no user data can end a header and start another one.

@@ -5,6 +5,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -59,11 +60,19 @@ class UTCDateTime(TypeDecorator[datetime]):
 def normalize_email(email: str) -> str:
     """Return the form in which an address is stored and compared.
 
-    The whole address is lower-cased, so two signups that differ only in case are
-    the same account. Mail servers treat the domain that way; almost all treat
-    the local part that way too.
+    The domain is converted to its ASCII (IDNA) form and the whole address is
+    lower-cased, so "carol@Bücher.example" and "carol@xn--bcher-kva.example" are
+    one account. Mail servers treat the domain without regard to case, and
+    almost all treat the local part that way too. Text that is not a valid
+    address is only stripped and lower-cased, which is enough to look it up.
     """
-    return email.strip().lower()
+    try:
+        valid = validate_email(
+            email.strip(), check_deliverability=False, allow_smtputf8=False
+        )
+    except EmailNotValidError:
+        return email.strip().lower()
+    return valid.ascii_email.lower()
 
 
 class Role(StrEnum):

@@ -1,17 +1,25 @@
+import asyncio
 import time
+from datetime import timedelta
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 from quart import Quart
 from quart.testing import QuartClient
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from quart_app.auth.tokens import Purpose, generate_token
+from quart_app.db import create_engine
+from quart_app.models import User, utcnow
 from tests.conftest import (
     Relay,
     confirm_link,
     csrf_token,
     fetch_users,
     login,
+    make_app,
     page_text,
     register,
     serving,
@@ -222,8 +230,6 @@ async def test_resend_needs_login(client: QuartClient, relay: Relay) -> None:
 async def test_resend_interval_limits_repeats(
     database_url: str, relay: Relay, tmp_path: object
 ) -> None:
-    from tests.conftest import make_app
-
     app = make_app(database_url, relay.port, tmp_path, CONFIRMATION_RESEND_INTERVAL=60)
     async with serving(app) as client:
         await register(client)
@@ -268,3 +274,30 @@ async def test_login_after_confirm_elsewhere(app: Quart, relay: Relay) -> None:
         assert (await other.get(path)).status_code == 200
         response = await login(other)
         assert response.headers["Location"] == "/"
+
+
+async def test_resend_concurrent_requests_send_once(
+    database_url: str, relay: Relay, tmp_path: Path
+) -> None:
+    app = make_app(database_url, relay.port, tmp_path, CONFIRMATION_RESEND_INTERVAL=60)
+    async with serving(app) as client:
+        await register(client)
+        await _confirmation(relay)
+        engine = create_engine(database_url)
+        async with AsyncSession(engine) as session:
+            await session.execute(
+                update(User).values(confirmation_sent_at=utcnow() - timedelta(hours=1))
+            )
+            await session.commit()
+        await engine.dispose()
+
+        token = await csrf_token(client, "/auth/unconfirmed")
+        responses = await asyncio.gather(
+            *(
+                client.post("/auth/confirm", form={"csrf_token": token})
+                for _ in range(8)
+            )
+        )
+        assert all(response.status_code == 302 for response in responses)
+    subjects = [message["Subject"] for message in relay.messages]
+    assert subjects.count("[Quart App] Confirm Your Account") == 2

@@ -278,3 +278,35 @@ async def test_register_oversized_body_rejected(client: QuartClient) -> None:
         headers={"Content-Type": "application/x-www-form-urlencoded"},
     )
     assert response.status_code == 413
+
+
+@pytest.mark.parametrize(
+    "email",
+    ["josé@example.com", "jose\u0301@example.com", "\uff45ve@example.com"],
+)
+async def test_register_non_ascii_local_part(
+    app: Quart, relay: Relay, email: str
+) -> None:
+    async with serving(app) as client:
+        response = await register(client, email=email)
+        assert response.status_code == 200
+        assert "before the @-sign are not supported" in await page_text(response)
+    assert await _count_users(app) == 0
+    assert relay.messages == []
+
+
+async def test_register_idn_domain_one_account(app: Quart, relay: Relay) -> None:
+    async with serving(app) as client:
+        assert (await register(client, email="carol@Bücher.example")).status_code == 302
+        await client.get("/auth/logout")
+        again = await register(
+            client, email="carol@xn--bcher-kva.example", username="carol2"
+        )
+        assert again.status_code == 200
+        assert "already registered" in await page_text(again)
+    [user] = await fetch_users(app)
+    assert user.email == "carol@xn--bcher-kva.example"
+    confirmation = [m for m in relay.messages if "Confirm" in m["Subject"]]
+    assert [message["To"] for message in confirmation] == [
+        "carol@xn--bcher-kva.example"
+    ]

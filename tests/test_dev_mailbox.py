@@ -127,3 +127,44 @@ async def test_mailbox_escapes_hostile_message(dev_app: Quart) -> None:
         assert "<script>alert" not in text
         assert "<img src=x" not in text
     assert 'onmouseover=x"' not in page
+
+
+async def test_mailbox_hidden_from_other_hosts(dev_app: Quart) -> None:
+    async with serving(dev_app) as client:
+        response = await client.get(
+            "/dev/mailbox", scope_base={"client": ("192.0.2.10", 40000)}
+        )
+        assert response.status_code == 404
+        local = await client.get("/dev/mailbox")
+        assert local.status_code == 200
+
+
+async def test_mailbox_shows_malformed_message(dev_app: Quart) -> None:
+    import aiosmtplib
+
+    raw = (
+        "From: x@example.com\r\n"
+        "To: <\r\n"
+        "Message-ID: <<<>>>@@\r\n"
+        "Subject: Broken\r\n"
+        "Content-Type: text/plain; charset=no-such-charset\r\n\r\n"
+        "caf\xe9 body\r\n"
+    ).encode("latin-1")
+    async with serving(dev_app) as client:
+        mailbox = dev_app.extensions["dev_mailbox"]
+        await aiosmtplib.send(
+            raw,
+            sender="x@example.com",
+            recipients=["y@example.com"],
+            hostname=mailbox.host,
+            port=mailbox.port,
+            local_hostname="localhost",
+            start_tls=False,
+        )
+        listing = await client.get("/dev/mailbox")
+        assert listing.status_code == 200
+        assert "Broken" in await page_text(listing)
+        [path] = await _message_paths(client)
+        detail = await client.get(path)
+        assert detail.status_code == 200
+        assert "caf" in await page_text(detail)

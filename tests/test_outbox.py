@@ -448,6 +448,7 @@ async def test_healthz_reports_outbox(
     assert response.status_code == 200
     assert body["outbox"]["failed"] == 1
     assert body["outbox"]["pending"] == 1
+    assert body["outbox"]["stuck"] == 0
     assert body["outbox"]["oldest_pending_age_seconds"] >= 0
 
 
@@ -484,3 +485,34 @@ def test_classify_smtp_replies() -> None:
         ]
     )
     assert classify(mixed).transient
+
+
+async def test_unsendable_row_fails_others_delivered(
+    database_url: str, relay: Relay, tmp_path: Path
+) -> None:
+    app = make_app(database_url, relay.port, tmp_path, OUTBOX_WORKER=False)
+    engine = create_engine(database_url)
+    async with AsyncSession(engine) as session:
+        for recipient in ("josé@example.com", "bob@example.com"):
+            session.add(
+                OutboxMessage(
+                    sender="noreply@app.test",
+                    recipients=[recipient],
+                    subject=f"To {recipient}",
+                    message=_message("bob@example.com", "Body").as_bytes(),
+                    status="pending",
+                    attempts=0,
+                    next_attempt_at=utcnow(),
+                    created_at=utcnow(),
+                )
+            )
+        await session.commit()
+    await engine.dispose()
+
+    async with app.test_app(), app.app_context():
+        assert await app.extensions["outbox"].deliver_due() == 2
+    poison, good = await _rows(app)
+    assert poison.status == "failed"
+    assert (poison.last_error or "").startswith("cannot be sent: UnicodeEncodeError")
+    assert good.status == "sent"
+    assert len(relay.messages) == 1

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from quart_app import create_app
-from quart_app.config import load_settings
+from quart_app.config import Settings, load_settings
 from quart_app.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ def test_boolean_accepted_spellings(
     assert load_settings().MAIL_USE_TLS is expected
 
 
-@pytest.mark.parametrize("text", ["maybe", "2", "t", "y", "", "truee", "-1", "enabled"])
+@pytest.mark.parametrize("text", ["maybe", "2", "t", "y", "truee", "-1", "enabled"])
 def test_boolean_other_text_rejected(
     monkeypatch: pytest.MonkeyPatch, text: str
 ) -> None:
@@ -106,6 +106,15 @@ def test_production_accepts_complete_settings(monkeypatch: pytest.MonkeyPatch) -
         ("MAIL_SUBJECT_PREFIX", "[App]\r\nBcc: victim@example.com"),
         ("MAIL_DEFAULT_SENDER", "a@example.com\nBcc: victim@example.com"),
         ("LOG_LEVEL", "LOUD"),
+        ("APP_ADMIN", "josé@example.com"),
+        ("MAIL_DEFAULT_SENDER", "not an address"),
+        ("MAIL_TIMEOUT", "inf"),
+        ("OUTBOX_POLL_INTERVAL", "nan"),
+        ("DATABASE_URL", "notaurl"),
+        ("DATABASE_URL", "postgresql://postgres@127.0.0.1/test"),
+        ("DATABASE_URL", "sqlite:///app.db"),
+        ("DATABASE_URL", "mysql+aiomysql://root@127.0.0.1/test"),
+        ("MAIL_MAX_CONNECTIONS", "0"),
     ],
 )
 def test_invalid_value_names_variable(
@@ -117,6 +126,35 @@ def test_invalid_value_names_variable(
     message = str(caught.value)
     assert message.startswith(f"Invalid setting {name}=")
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("name", ["MAIL_USE_TLS", "MAIL_USE_SSL", "OUTBOX_WORKER"])
+def test_empty_boolean_means_default(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.setenv(name, "")
+    settings = load_settings()
+    assert getattr(settings, name) is Settings.model_fields[name].default
+
+
+def test_short_secret_rejected_in_production(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APP_ENV", "production")
+    monkeypatch.setenv("SECRET_KEY", "short")
+    monkeypatch.setenv("APP_BASE_URL", "https://app.example")
+    monkeypatch.setenv("MAIL_SERVER", "smtp.example")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "SECRET_KEY is too short" in str(caught.value)
+    assert "short" not in str(caught.value).replace("too short", "")
+
+
+def test_unwritable_instance_path_rejected(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError) as caught:
+        create_app({"INSTANCE_PATH": str(blocker / "instance")})
+    assert str(caught.value).startswith("Invalid setting INSTANCE_PATH=")
+    assert "\n" not in str(caught.value)
 
 
 def test_secret_values_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None:

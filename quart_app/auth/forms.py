@@ -8,12 +8,12 @@ session, fails validation.
 from datetime import timedelta
 from typing import Any, Self
 
+from email_validator import EmailNotValidError, validate_email
 from quart import current_app, request, session
 from wtforms import BooleanField, EmailField, Form, PasswordField, StringField
 from wtforms.csrf.session import SessionCSRF
 from wtforms.validators import (
     DataRequired,
-    Email,
     EqualTo,
     Length,
     Regexp,
@@ -63,6 +63,18 @@ def _strip(value: str | None) -> str | None:
     return value.strip() if isinstance(value, str) else value
 
 
+def _deliverable_address(_form: Form, field: Any) -> None:
+    # Addresses with non-ASCII characters before the @ need SMTPUTF8, which
+    # many relays lack, so they are rejected here rather than failing to send.
+    # Non-ASCII domains are fine: they are sent in their ASCII (IDNA) form.
+    if not field.data:
+        return
+    try:
+        validate_email(field.data, check_deliverability=False, allow_smtputf8=False)
+    except EmailNotValidError as error:
+        raise ValidationError(f"Enter a valid email address. {error}") from None
+
+
 def _no_control_characters(_form: Form, field: Any) -> None:
     if field.data and any(ord(char) < 32 or ord(char) == 127 for char in field.data):
         raise ValidationError("Remove the line breaks and control characters.")
@@ -83,7 +95,7 @@ class RegistrationForm(AppForm):
             DataRequired(),
             _no_control_characters,
             Length(max=EMAIL_MAX_LENGTH),
-            Email(message="Enter a valid email address."),
+            _deliverable_address,
         ],
     )
     username = StringField(

@@ -13,6 +13,7 @@ from quart import (
 )
 from quart.typing import ResponseReturnValue
 from quart_auth import AuthUser, current_user, login_user, logout_user
+from sqlalchemy import or_, update
 from sqlalchemy.exc import IntegrityError
 
 from quart_app.auth.forms import EmptyForm, LoginForm, RegistrationForm
@@ -146,7 +147,7 @@ async def confirm(token: str) -> ResponseReturnValue:
         return await _render_token_error(error)
 
     user_id = payload.get("confirm")
-    if type(user_id) is not int:
+    if type(user_id) is not int or not 0 < user_id < 2**31:
         return await _render_token_error(None)
     session = get_session()
     user = await session.get(User, user_id)
@@ -177,8 +178,24 @@ async def resend_confirmation() -> ResponseReturnValue:
         return await render_template("auth/unconfirmed.html", form=form), 400
 
     interval = current_app.config["CONFIRMATION_RESEND_INTERVAL"]
-    sent_at = account.confirmation_sent_at
-    if sent_at is not None and utcnow() - sent_at < timedelta(seconds=interval):
+    session = get_session()
+    now = utcnow()
+    # One conditional UPDATE both checks and moves the time of the last email, so
+    # of several requests sent at once only one passes.
+    claimed = await session.execute(
+        update(User)
+        .where(
+            User.id == account.id,
+            or_(
+                User.confirmation_sent_at.is_(None),
+                User.confirmation_sent_at <= now - timedelta(seconds=interval),
+            ),
+        )
+        .values(confirmation_sent_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if claimed.rowcount != 1:
+        await session.rollback()
         await flash(
             "A confirmation email was sent less than "
             f"{interval} seconds ago. Check your inbox, or try again shortly.",
@@ -186,9 +203,8 @@ async def resend_confirmation() -> ResponseReturnValue:
         )
         return redirect(url_for("auth.unconfirmed"))
 
-    account.confirmation_sent_at = utcnow()
     await send_confirmation(account)
-    await get_session().commit()
+    await session.commit()
     await flash("A new confirmation email has been sent to your address.", "info")
     return redirect(url_for("auth.unconfirmed"))
 

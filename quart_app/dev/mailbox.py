@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from email import message_from_bytes, policy
 from email.message import EmailMessage
+from email.parser import BytesHeaderParser
 from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -24,12 +25,23 @@ logger = logging.getLogger(__name__)
 
 _ID_PATTERN = re.compile(r"\A[0-9]{19,20}-[0-9a-f]{32}\Z")
 MAX_LISTED = 500
+_HEADER_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
 class StoredMessage:
     id: str
     message: EmailMessage
+
+    def header(self, name: str) -> str:
+        """Return the header's text, or its raw form if it does not parse."""
+        try:
+            return str(self.message.get(name, ""))
+        except Exception:  # noqa: BLE001 - any sender may write any header
+            for raw_name, raw_value in self.message.raw_items():
+                if raw_name.lower() == name.lower():
+                    return raw_value
+            return ""
 
 
 class MailboxStore:
@@ -65,7 +77,7 @@ class MailboxStore:
                 break
             stem, _, extension = name.rpartition(".")
             if extension == "eml" and _ID_PATTERN.match(stem):
-                stored = self.get(stem)
+                stored = self._read(stem, headers_only=True)
                 if stored is not None:
                     messages.append(stored)
         return messages
@@ -73,11 +85,21 @@ class MailboxStore:
     def get(self, message_id: str) -> StoredMessage | None:
         if not _ID_PATTERN.match(message_id):
             return None
+        return self._read(message_id, headers_only=False)
+
+    def _read(self, message_id: str, *, headers_only: bool) -> StoredMessage | None:
+        path = self.folder / f"{message_id}.eml"
         try:
-            content = (self.folder / f"{message_id}.eml").read_bytes()
+            with path.open("rb") as handle:
+                # The listing needs only the headers, so a huge message costs it
+                # no more than its first bytes.
+                content = handle.read(_HEADER_BYTES if headers_only else -1)
         except FileNotFoundError:
             return None
-        message = message_from_bytes(content, policy=policy.default)
+        if headers_only:
+            message = BytesHeaderParser(policy=policy.default).parsebytes(content)
+        else:
+            message = message_from_bytes(content, policy=policy.default)
         return StoredMessage(message_id, message)  # type: ignore[arg-type]
 
 

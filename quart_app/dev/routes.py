@@ -1,12 +1,32 @@
+import ipaddress
 import re
+from email.message import EmailMessage
 
 from markupsafe import Markup, escape
-from quart import Blueprint, abort, current_app, render_template
+from quart import Blueprint, abort, current_app, render_template, request
 from quart.typing import ResponseReturnValue
 
 from quart_app.dev.mailbox import DevMailbox
 
 bp = Blueprint("dev", __name__, url_prefix="/dev")
+
+
+@bp.before_request
+async def _loopback_only() -> None:
+    # The mailbox shows every confirmation link, so a development server bound
+    # to a public address must not hand it to other machines. Quart reports
+    # "<local>" when the server gives no client address (a Unix socket, or the
+    # test client), which is local too.
+    address = request.remote_addr
+    if address == "<local>":
+        return
+    try:
+        loopback = ipaddress.ip_address(address or "").is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        abort(404)
+
 
 _URL_PATTERN = re.compile(r"https?://[^\s<>\"']+")
 _HEAD_PATTERN = re.compile(r"<head(\s[^>]*)?>", re.IGNORECASE)
@@ -24,17 +44,37 @@ async def mailbox_message(message_id: str) -> ResponseReturnValue:
     if stored is None:
         abort(404)
     message = stored.message
-    text_part = message.get_body(preferencelist=("plain",))
-    html_part = message.get_body(preferencelist=("html",))
-    text = text_part.get_content() if text_part is not None else None
-    html = html_part.get_content() if html_part is not None else None
+    text = _part_text(message, "plain")
+    html = _part_text(message, "html")
     return await render_template(
         "dev/message.html",
         stored=stored,
-        headers=list(message.items()),
+        # The raw values, because a header that does not parse must still show.
+        headers=list(message.raw_items()),
         text=_link_urls(text) if text is not None else None,
         html=_frame_document(html) if html is not None else None,
     )
+
+
+def _part_text(message: EmailMessage, subtype: str) -> str | None:
+    """Return the decoded text of the message's text/`subtype` part, if any.
+
+    A part in a charset Python does not know is decoded as UTF-8 with
+    replacement characters, so a malformed message still shows.
+    """
+    try:
+        part = message.get_body(preferencelist=(subtype,))
+    except Exception:  # noqa: BLE001 - any sender may write any structure
+        return None
+    if part is None:
+        return None
+    try:
+        return part.get_content()
+    except (LookupError, ValueError, AssertionError):
+        payload = part.get_payload(decode=True)
+        if isinstance(payload, bytes):
+            return payload.decode("utf-8", errors="replace")
+        return str(part.get_payload())
 
 
 def _mailbox() -> DevMailbox:

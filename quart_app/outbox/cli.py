@@ -11,7 +11,7 @@ from quart import Quart
 from quart.cli import ScriptInfo
 from sqlalchemy import func, select
 
-from quart_app.db import session_scope
+from quart_app.db import get_session, session_scope
 from quart_app.email import send_email
 from quart_app.models import OutboxMessage, OutboxStatus, utcnow
 from quart_app.outbox.delivery import Outbox, outbox_stats
@@ -66,6 +66,11 @@ def status_command() -> None:
             ).scalars()
             for status in OutboxStatus:
                 click.echo(f"{status.value:>8}: {counts.get(status.value, 0)}")
+            if stats["stuck"]:
+                click.echo(
+                    f"stuck: {stats['stuck']} (their worker stopped mid-send; a "
+                    "delivery loop takes them over)"
+                )
             age = stats["oldest_pending_age_seconds"]
             if age is not None:
                 click.echo(f"oldest pending message: {age:.0f} s old")
@@ -107,7 +112,7 @@ def send_pending_command(once: bool) -> None:
 
 
 @outbox_cli.command("retry")
-@click.argument("message_id", type=int)
+@click.argument("message_id", type=click.IntRange(1, 2**31 - 1))
 def retry_command(message_id: int) -> None:
     """Queue failed message MESSAGE_ID for delivery again."""
 
@@ -148,25 +153,33 @@ def send_test_email_command(address: str) -> None:
     except EmailNotValidError as error:
         raise click.BadParameter(str(error), param_hint="ADDRESS") from None
 
-    async def work(_app: Quart) -> int:
-        from quart_app.db import get_session
-
+    async def work(app: Quart) -> OutboxMessage | None:
         row = await send_email(address, "Test email", "email/test")
         await get_session().commit()
-        return row.id
-
-    message_id = _run(work)
-
-    async def report(_app: Quart) -> OutboxMessage | None:
+        # The commit queued the send as a background task. Waiting for it here,
+        # rather than in the shutdown with its timeout, gives a slow relay the
+        # full MAIL_TIMEOUT for each step.
+        await asyncio.gather(*list(app.background_tasks))
         async with session_scope() as session:
-            return await session.get(OutboxMessage, message_id)
+            return await session.get(OutboxMessage, row.id)
 
-    row = _run(report)
-    if row is None or row.status != OutboxStatus.SENT.value:
-        error = row.last_error if row is not None else "row missing"
-        click.echo(f"test email {message_id} to {address} not sent: {error}", err=True)
-        raise SystemExit(1)
-    click.echo(f"test email {message_id} sent to {address}")
+    row = _run(work)
+    if row is None:
+        raise click.ClickException("the test email was not written to the outbox")
+    if row.status == OutboxStatus.SENT.value:
+        click.echo(f"test email {row.id} sent to {address}")
+        return
+    if row.status == OutboxStatus.FAILED.value:
+        click.echo(
+            f"test email {row.id} to {address} failed: {row.last_error}", err=True
+        )
+    else:
+        click.echo(
+            f"test email {row.id} to {address} not sent yet: {row.last_error}. It "
+            "stays in the outbox, and the delivery loop retries it.",
+            err=True,
+        )
+    raise SystemExit(1)
 
 
 def init_app(app: Quart) -> None:

@@ -54,8 +54,9 @@ def classify(error: BaseException) -> Failure:
     """Decide whether a failed send may succeed later.
 
     4xx replies, disconnects, timeouts and refused connections are transient.
-    5xx replies and a message whose recipients were all refused with 5xx are
-    permanent. An authentication failure is treated as transient, because it
+    5xx replies, a message whose recipients were all refused with 5xx, and errors
+    that do not come from the network or the relay are permanent. An
+    authentication failure is treated as transient, because it
     means the settings are wrong, not the message, and the message should go out
     once they are fixed.
     """
@@ -78,6 +79,9 @@ def classify(error: BaseException) -> Failure:
         return Failure(not permanent, error.code, f"{error.code} {error.message}")
     if isinstance(error, aiosmtplib.SMTPTimeoutError | TimeoutError):
         return Failure(True, None, f"timed out: {error}")
+    if not isinstance(error, aiosmtplib.SMTPException | OSError):
+        # Not a network or relay problem, so a retry would fail the same way.
+        return Failure(False, None, f"cannot be sent: {type(error).__name__}: {error}")
     description = str(error) or type(error).__name__
     return Failure(True, None, f"{type(error).__name__}: {description}")
 
@@ -189,6 +193,13 @@ class Outbox:
                     self.poll_interval,
                     error,
                 )
+            # The loop is the only retry path of this process, so an unexpected
+            # error is logged with its traceback and the loop goes on.
+            except Exception:
+                logger.exception(
+                    "Outbox delivery pass failed; next pass in %.1f s",
+                    self.poll_interval,
+                )
             try:
                 await asyncio.wait_for(stop.wait(), self.poll_interval)
             except TimeoutError:
@@ -206,7 +217,10 @@ class Outbox:
                 return None
             try:
                 result = await connection.send(row.sender, row.recipients, row.message)
-            except (aiosmtplib.SMTPException, OSError) as error:
+            # Any error is recorded on the row: one message that the client cannot
+            # send at all, say with an address it cannot encode, must not stop the
+            # delivery of the others.
+            except Exception as error:
                 await self._record_failure(row, error)
                 return True
         await self._record_sent(row, result)
@@ -441,7 +455,11 @@ async def count_pending(session: AsyncSession) -> int:
 
 
 async def outbox_stats(session: AsyncSession) -> dict[str, Any]:
-    """Count pending and failed rows and give the age of the oldest pending one."""
+    """Count pending, failed and stuck rows, and give the oldest pending row's age.
+
+    Pending includes the rows being sent. Stuck rows are being sent by a worker
+    whose lease has expired.
+    """
     waiting = (OutboxStatus.PENDING.value, OutboxStatus.SENDING.value)
     pending, oldest = (
         await session.execute(
@@ -457,6 +475,16 @@ async def outbox_stats(session: AsyncSession) -> dict[str, Any]:
             .where(OutboxMessage.status == OutboxStatus.FAILED.value)
         )
     ).scalar_one()
+    stuck = (
+        await session.execute(
+            select(func.count())
+            .select_from(OutboxMessage)
+            .where(
+                OutboxMessage.status == OutboxStatus.SENDING.value,
+                OutboxMessage.lease_expires_at < utcnow(),
+            )
+        )
+    ).scalar_one()
     age = None
     if oldest is not None:
         # SQLite returns the aggregate as text or a naive value, in UTC.
@@ -467,4 +495,10 @@ async def outbox_stats(session: AsyncSession) -> dict[str, Any]:
 
             oldest = oldest.replace(tzinfo=UTC)
         age = round((utcnow() - oldest).total_seconds(), 1)
-    return {"pending": pending, "failed": failed, "oldest_pending_age_seconds": age}
+    return {
+        "pending": pending,
+        "failed": failed,
+        # Rows whose worker stopped mid-send; a delivery loop takes them over.
+        "stuck": stuck,
+        "oldest_pending_age_seconds": age,
+    }
