@@ -83,6 +83,7 @@ class Settings(BaseSettings):
     MAIL_SUBJECT_PREFIX: str = "[Quart App]"
     MAIL_TIMEOUT: float = Field(10.0, gt=0, allow_inf_nan=False)
     MAIL_LOCAL_HOSTNAME: Annotated[str | None, BeforeValidator(_empty_as_none)] = None
+    MAIL_CA_FILE: Annotated[Path | None, BeforeValidator(_empty_as_none)] = None
 
     MAIL_MAX_CONNECTIONS: int = Field(4, ge=1)
     MAIL_MAX_MESSAGES_PER_CONNECTION: int = Field(100, ge=1)
@@ -137,6 +138,15 @@ class Settings(BaseSettings):
             raise ValueError("use a SQLite or PostgreSQL URL")
         if url.get_driver_name() != driver:
             raise ValueError(f"use the async driver: {backend}+{driver}://...")
+        return value
+
+    @field_validator("MAIL_CA_FILE")
+    @classmethod
+    def _check_ca_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(
+                "no such file: give the path of a PEM file of CA certificates"
+            )
         return value
 
     @field_validator("APP_ADMIN")

@@ -115,7 +115,12 @@ def init_app(app: Quart) -> None:
     @app.before_serving
     async def _load_tls_context() -> None:
         if app.config["MAIL_USE_SSL"] or app.config["MAIL_USE_TLS"]:
-            app.extensions["smtp_tls_context"] = ssl.create_default_context()
+            # The relay's certificate is checked against the system's trust
+            # store, or against MAIL_CA_FILE for a relay with a private CA.
+            ca_file = app.config["MAIL_CA_FILE"]
+            app.extensions["smtp_tls_context"] = ssl.create_default_context(
+                cafile=str(ca_file) if ca_file is not None else None
+            )
 
 
 def _ehlo_name(base_url: str) -> str:
