@@ -154,26 +154,14 @@ class Settings(BaseSettings):
     def _check_admin(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        try:
-            validate_email(value, check_deliverability=False, allow_smtputf8=False)
-        except EmailNotValidError as error:
-            raise ValueError(
-                f"use an address such as admin@example.com: {error}"
-            ) from None
+        _check_address(value, example="admin@example.com")
         return value.strip()
 
     @field_validator("MAIL_DEFAULT_SENDER")
     @classmethod
     def _check_sender(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        _, address = parseaddr(value)
-        try:
-            validate_email(address, check_deliverability=False, allow_smtputf8=False)
-        except EmailNotValidError as error:
-            raise ValueError(
-                f"use an address such as 'Acme <noreply@example.com>': {error}"
-            ) from None
+        if value is not None:
+            _check_address(parseaddr(value)[1], example="Acme <noreply@example.com>")
         return value
 
     @field_validator(
@@ -281,6 +269,14 @@ def resolve_database_url(settings: Settings, instance_path: Path) -> str:
         return settings.DATABASE_URL
     instance_path.mkdir(parents=True, exist_ok=True)
     return f"sqlite+aiosqlite:///{instance_path / 'app.db'}"
+
+
+def _check_address(address: str, *, example: str) -> None:
+    # ASCII only, because a non-ASCII local part needs SMTPUTF8 from the relay.
+    try:
+        validate_email(address, check_deliverability=False, allow_smtputf8=False)
+    except EmailNotValidError as error:
+        raise ValueError(f"use an address such as {example!r}: {error}") from None
 
 
 def _describe(error: ValidationError) -> str:

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from quart_app import create_app
 from quart_app.config import Settings
 from quart_app.db import Base, create_engine
-from quart_app.models import User
+from quart_app.models import OutboxMessage, User
 
 DEFAULT_TEST_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 BASE_URL = "http://app.test"
@@ -190,6 +190,19 @@ async def fetch_users(app: Quart) -> list[User]:
     try:
         async with AsyncSession(engine) as session:
             result = await session.execute(select(User).order_by(User.id))
+            return list(result.scalars())
+    finally:
+        await engine.dispose()
+
+
+async def fetch_outbox(app: Quart) -> list[OutboxMessage]:
+    """Read every outbox row straight from the app's database, oldest first."""
+    engine = create_engine(app.config["DATABASE_URL"])
+    try:
+        async with AsyncSession(engine) as session:
+            result = await session.execute(
+                select(OutboxMessage).order_by(OutboxMessage.id)
+            )
             return list(result.scalars())
     finally:
         await engine.dispose()

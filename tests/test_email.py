@@ -5,16 +5,14 @@ from pathlib import Path
 
 import pytest
 from quart import Quart
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from quart_app.db import create_engine, get_session
+from quart_app.db import get_session
 from quart_app.email import send_email
-from quart_app.models import OutboxMessage
 from tests.conftest import (
     ADMIN_EMAIL,
     Relay,
     csrf_token,
+    fetch_outbox,
     free_port,
     login,
     make_app,
@@ -35,18 +33,6 @@ def _delivery_logs(
     ]
 
 
-async def _outbox(app: Quart) -> list[OutboxMessage]:
-    engine = create_engine(app.config["DATABASE_URL"])
-    try:
-        async with AsyncSession(engine) as session:
-            result = await session.execute(
-                select(OutboxMessage).order_by(OutboxMessage.id)
-            )
-            return list(result.scalars())
-    finally:
-        await engine.dispose()
-
-
 async def test_relay_permanent_refusal_logged(
     app: Quart, relay: Relay, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -60,7 +46,7 @@ async def test_relay_permanent_refusal_logged(
     assert "alice@example.com" in confirm_error.getMessage()
     assert "550 5.7.1 Relaying denied" in confirm_error.getMessage()
     assert relay.messages == []
-    rows = await _outbox(app)
+    rows = await fetch_outbox(app)
     assert [row.status for row in rows] == ["failed", "failed"]
     assert all(row.last_error == "550 5.7.1 Relaying denied" for row in rows)
 
@@ -89,7 +75,7 @@ async def test_relay_transient_refusal_logged(
     assert "451 4.3.0 Try again later" in line.getMessage()
     assert "attempt 1" in line.getMessage()
     assert "next attempt in" in line.getMessage()
-    rows = await _outbox(app)
+    rows = await fetch_outbox(app)
     assert [row.status for row in rows] == ["pending", "pending"]
     assert all(row.attempts == 1 for row in rows)
 
@@ -108,7 +94,7 @@ async def test_relay_down_logged_and_serving(
     assert len(warnings) == 2
     assert any("alice@example.com" in record.getMessage() for record in warnings)
     assert all("next attempt in" in record.getMessage() for record in warnings)
-    assert [row.status for row in await _outbox(app)] == ["pending", "pending"]
+    assert [row.status for row in await fetch_outbox(app)] == ["pending", "pending"]
 
 
 async def test_relay_drop_logged(
@@ -119,7 +105,7 @@ async def test_relay_drop_logged(
         assert (await register(client)).status_code == 302
     assert len(_delivery_logs(caplog, logging.WARNING)) == 2
     assert relay.messages == []
-    assert [row.status for row in await _outbox(app)] == ["pending", "pending"]
+    assert [row.status for row in await fetch_outbox(app)] == ["pending", "pending"]
 
 
 async def test_relay_silent_times_out(

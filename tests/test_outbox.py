@@ -7,14 +7,22 @@ from pathlib import Path
 import pytest
 from aiosmtpd.smtp import SMTP
 from quart import Quart
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from quart_app.auth import routes
 from quart_app.db import create_engine, get_session
 from quart_app.models import OutboxMessage, create_user, utcnow
 from quart_app.outbox import Outbox, classify, enqueue
-from tests.conftest import Relay, free_port, make_app, page_text, register, serving
+from tests.conftest import (
+    Relay,
+    fetch_outbox,
+    free_port,
+    make_app,
+    page_text,
+    register,
+    serving,
+)
 
 # Fast retries, so a test sees the second attempt within a fraction of a second.
 QUICK_RETRIES = {
@@ -22,18 +30,6 @@ QUICK_RETRIES = {
     "MAIL_RETRY_MAX_DELAY": 0.1,
     "OUTBOX_POLL_INTERVAL": 0.05,
 }
-
-
-async def _rows(app: Quart) -> list[OutboxMessage]:
-    engine = create_engine(app.config["DATABASE_URL"])
-    try:
-        async with AsyncSession(engine) as session:
-            result = await session.execute(
-                select(OutboxMessage).order_by(OutboxMessage.id)
-            )
-            return list(result.scalars())
-    finally:
-        await engine.dispose()
 
 
 def _message(to: str, subject: str) -> EmailMessage:
@@ -68,14 +64,14 @@ async def test_rolled_back_signup_sends_nothing(app: Quart, relay: Relay) -> Non
 
             await send_confirmation(user)
             await session.rollback()
-    assert await _rows(app) == []
+    assert await fetch_outbox(app) == []
     assert relay.messages == []
 
 
 async def test_committed_signup_has_outbox_row(app: Quart, relay: Relay) -> None:
     async with serving(app) as client:
         await register(client)
-    rows = await _rows(app)
+    rows = await fetch_outbox(app)
     assert [row.status for row in rows] == ["sent", "sent"]
     assert {row.subject for row in rows} == {
         "[Quart App] Confirm Your Account",
@@ -101,7 +97,7 @@ async def test_racing_signup_sends_nothing(
         response = await register(client)
         assert response.status_code == 200
         assert "already taken" in await page_text(response)
-    assert len(await _rows(app)) == 2
+    assert len(await fetch_outbox(app)) == 2
     assert len(relay.messages) == 2
 
 
@@ -115,7 +111,7 @@ async def test_relay_down_then_up_delivered(database_url: str, tmp_path: Path) -
     relay = Relay(port=port)
     async with serving(app) as client:
         assert (await register(client)).status_code == 302
-        rows = await _rows(app)
+        rows = await fetch_outbox(app)
         assert {row.status for row in rows} <= {"pending", "sending"}
 
         server = await asyncio.get_running_loop().create_server(
@@ -127,7 +123,7 @@ async def test_relay_down_then_up_delivered(database_url: str, tmp_path: Path) -
             server.close()
             await server.wait_closed()
     assert "[Quart App] Confirm Your Account" in subjects
-    rows = await _rows(app)
+    rows = await fetch_outbox(app)
     assert [row.status for row in rows] == ["sent", "sent"]
     assert all(row.attempts >= 2 for row in rows)
 
@@ -141,7 +137,7 @@ async def test_transient_then_accepted_delivered(
         await register(client)
         message = await relay.next_message()
     assert "Confirm Your Account" in message["Subject"]
-    [row] = await _rows(app)
+    [row] = await fetch_outbox(app)
     assert row.status == "sent"
     assert row.attempts == 2
     assert row.last_error == "451 4.3.0 Try again later"
@@ -157,7 +153,7 @@ async def test_permanent_failure_not_retried(
     relay.reply = "550 5.1.1 Mailbox unavailable"
     async with serving(app) as client:
         await register(client)
-    [row] = await _rows(app)
+    [row] = await fetch_outbox(app)
     assert row.status == "failed"
     assert row.attempts == 1
     assert row.last_error == "550 5.1.1 Mailbox unavailable"
@@ -167,7 +163,7 @@ async def test_permanent_failure_not_retried(
     async with app.test_app(), app.app_context():
         outbox: Outbox = app.extensions["outbox"]
         assert await outbox.deliver_due() == 0
-    [row] = await _rows(app)
+    [row] = await fetch_outbox(app)
     assert row.status == "failed"
     assert relay.messages == []
 
@@ -199,7 +195,7 @@ async def test_gives_up_after_max_attempts(
             await asyncio.wait_for(done.wait(), 10)
     finally:
         logging.getLogger("quart_app.outbox.delivery").removeHandler(handler)
-    [row] = await _rows(app)
+    [row] = await fetch_outbox(app)
     assert row.status == "failed"
     assert row.attempts == 3
     assert row.last_error == "421 4.7.0 Too busy"
@@ -236,7 +232,7 @@ async def test_silent_relay_times_out_requests_unaffected(
             writer.close()
         server.close()
         await server.wait_closed()
-    [row] = await _rows(app)
+    [row] = await fetch_outbox(app)
     assert row.status in {"pending", "sending"}
     assert row.attempts >= 1
     assert row.last_error is not None
@@ -253,7 +249,7 @@ async def test_partly_refused_recipients_recorded(
         received = await relay.next_message()
     assert received["Subject"] == "Two recipients"
     assert relay.envelopes[0].rcpt_tos == ["bob@example.com"]
-    [row] = await _rows(app)
+    [row] = await fetch_outbox(app)
     assert row.status == "sent"
     assert row.recipients == ["bob@example.com", "ghost@example.com"]
     assert row.refused_recipients == {"ghost@example.com": "550 5.1.1 No such user"}
@@ -264,7 +260,7 @@ async def test_all_recipients_refused_fails(app: Quart, relay: Relay) -> None:
     relay.refused_recipients = {"ghost@example.com"}
     async with app.test_app():
         await _enqueue_and_commit(app, _message("ghost@example.com", "Nobody home"))
-    [row] = await _rows(app)
+    [row] = await fetch_outbox(app)
     assert row.status == "failed"
     assert "550" in (row.last_error or "")
     assert relay.messages == []
@@ -290,7 +286,7 @@ async def test_burst_uses_bounded_connections(
         subjects = [(await relay.next_message())["Subject"] for _ in range(count)]
     assert sorted(subjects) == sorted(f"Burst {number}" for number in range(count))
     assert len(set(relay.peers)) <= 3
-    rows = await _rows(app)
+    rows = await fetch_outbox(app)
     assert {row.status for row in rows} == {"sent"}
 
 
@@ -330,7 +326,7 @@ async def test_shutdown_lets_send_in_flight_finish(
     await asyncio.wait_for(shutdown, 20)
 
     assert len(relay.messages) == 1
-    [row] = await _rows(app)
+    [row] = await fetch_outbox(app)
     assert row.status == "sent"
 
 
@@ -349,7 +345,7 @@ async def test_shutdown_timeout_leaves_row_pending(
         assert (await register(client)).status_code == 302
         await asyncio.wait_for(relay.data_started.wait(), 10)
     # Quart cancelled the send after its timeout; the row is pending again.
-    [row] = await _rows(app)
+    [row] = await fetch_outbox(app)
     assert row.status == "pending"
     assert row.lease_token is None
     assert any(
@@ -362,7 +358,7 @@ async def test_shutdown_timeout_leaves_row_pending(
     async with restarted.test_app():
         message = await relay.next_message()
     assert "Confirm Your Account" in message["Subject"]
-    [row] = await _rows(app)
+    [row] = await fetch_outbox(app)
     assert row.status == "sent"
     assert len(relay.messages) == 1
 
@@ -392,7 +388,7 @@ async def test_expired_lease_taken_over(
 
     async with app.test_app(), app.app_context():
         assert await app.extensions["outbox"].deliver_due() == 1
-    [row] = await _rows(app)
+    [row] = await fetch_outbox(app)
     assert row.status == "sent"
     assert row.attempts == 2
     assert row.last_error == (
@@ -511,7 +507,7 @@ async def test_unsendable_row_fails_others_delivered(
 
     async with app.test_app(), app.app_context():
         assert await app.extensions["outbox"].deliver_due() == 2
-    poison, good = await _rows(app)
+    poison, good = await fetch_outbox(app)
     assert poison.status == "failed"
     assert (poison.last_error or "").startswith("cannot be sent: UnicodeEncodeError")
     assert good.status == "sent"
