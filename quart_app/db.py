@@ -97,7 +97,7 @@ def get_session() -> AsyncSession:
     The session closes when the app context ends, so a request or a background task
     gets its own session and never shares one with another.
     """
-    session = g.get("db_session")
+    session: AsyncSession | None = g.get("db_session")
     if session is None:
         session = _sessionmaker()()
         g.db_session = session
@@ -113,17 +113,19 @@ async def session_scope() -> AsyncIterator[AsyncSession]:
 
 def get_engine() -> AsyncEngine:
     try:
-        return current_app.extensions["db_engine"]
+        engine: AsyncEngine = current_app.extensions["db_engine"]
     except KeyError:
         raise RuntimeError(
             "The database engine is not open: it opens when serving starts, "
             "so use app.test_app() in tests."
         ) from None
+    return engine
 
 
 def _sessionmaker() -> async_sessionmaker[AsyncSession]:
     get_engine()
-    return current_app.extensions["db_sessionmaker"]
+    maker: async_sessionmaker[AsyncSession] = current_app.extensions["db_sessionmaker"]
+    return maker
 
 
 async def _check_schema(engine: AsyncEngine) -> None:

@@ -72,7 +72,7 @@ def normalize_email(email: str) -> str:
         )
     except EmailNotValidError:
         return email.strip().lower()
-    return valid.ascii_email.lower()
+    return (valid.ascii_email or valid.normalized).lower()
 
 
 class Role(StrEnum):

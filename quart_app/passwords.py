@@ -48,7 +48,7 @@ class PasswordHashing:
         loop = asyncio.get_running_loop()
         if password_hash is None and self._dummy_hash is None:
             self._dummy_hash = await self.hash(os.urandom(16).hex())
-        target = password_hash or self._dummy_hash
+        target: str = password_hash or self._dummy_hash or ""
         try:
             matched = await loop.run_in_executor(
                 self._pool(), self.hasher.verify, target, password
@@ -72,18 +72,19 @@ def init_app(app: Quart) -> None:
         hashing.close()
 
 
+def _hashing() -> PasswordHashing:
+    hashing: PasswordHashing = current_app.extensions["password_hashing"]
+    return hashing
+
+
 async def hash_password(password: str) -> str:
-    return await current_app.extensions["password_hashing"].hash(password)
+    return await _hashing().hash(password)
 
 
 def needs_rehash(password_hash: str) -> bool:
     """Check whether the hash used other parameters than the current ones."""
-    return current_app.extensions["password_hashing"].hasher.check_needs_rehash(
-        password_hash
-    )
+    return _hashing().hasher.check_needs_rehash(password_hash)
 
 
 async def verify_password(password_hash: str | None, password: str) -> bool:
-    return await current_app.extensions["password_hashing"].verify(
-        password_hash, password
-    )
+    return await _hashing().verify(password_hash, password)

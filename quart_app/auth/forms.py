@@ -6,11 +6,18 @@ session, fails validation.
 """
 
 from datetime import timedelta
-from typing import Any, Self
+from typing import Any, Self, cast
 
 from email_validator import EmailNotValidError, validate_email
 from quart import current_app, request, session
-from wtforms import BooleanField, EmailField, Form, PasswordField, StringField
+from wtforms import (
+    BooleanField,
+    EmailField,
+    Field,
+    Form,
+    PasswordField,
+    StringField,
+)
 from wtforms.csrf.session import SessionCSRF
 from wtforms.validators import (
     DataRequired,
@@ -57,6 +64,12 @@ class AppForm(Form):
     def csrf_failed(self) -> bool:
         """Whether validation failed on the CSRF token alone or among others."""
         return bool(self.errors.get("csrf_token"))
+
+
+def add_error(field: Field, message: str) -> None:
+    """Add an error found after validation, such as a duplicate address."""
+    # WTForms keeps a field's errors in a list once validate() has run.
+    cast(list[str], field.errors).append(message)
 
 
 def _strip(value: str | None) -> str | None:

@@ -1,5 +1,7 @@
 """The account emails: confirmation and the administrator's "New User" notice."""
 
+from typing import Any
+
 from quart import current_app, url_for
 
 from quart_app.auth.tokens import Purpose, generate_token
@@ -7,13 +9,14 @@ from quart_app.email import send_email
 from quart_app.models import User
 
 
-def external_url(endpoint: str, **values: object) -> str:
+def external_url(endpoint: str, **values: Any) -> str:
     """Build an absolute URL on APP_BASE_URL.
 
     The host comes from the settings, never from the request's Host header, so a
     forged header cannot point a link in an email at another site.
     """
-    return current_app.config["APP_BASE_URL"] + url_for(endpoint, **values)
+    base_url: str = current_app.config["APP_BASE_URL"]
+    return base_url + url_for(endpoint, **values)
 
 
 async def send_confirmation(user: User) -> None:

@@ -1,4 +1,5 @@
 from datetime import timedelta
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from quart import (
@@ -14,9 +15,10 @@ from quart import (
 from quart.typing import ResponseReturnValue
 from quart_auth import AuthUser, current_user, login_user, logout_user
 from sqlalchemy import or_, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 
-from quart_app.auth.forms import EmptyForm, LoginForm, RegistrationForm
+from quart_app.auth.forms import EmptyForm, LoginForm, RegistrationForm, add_error
 from quart_app.auth.mail import send_confirmation, send_new_user_notice
 from quart_app.auth.tokens import Purpose, load_token
 from quart_app.db import get_session
@@ -48,7 +50,9 @@ async def load_account() -> ResponseReturnValue | None:
         return None
 
     session = get_session()
-    account = await find_user_by_auth_id(session=session, auth_id=current_user.auth_id)
+    account = await find_user_by_auth_id(
+        session=session, auth_id=current_user.auth_id or ""
+    )
     if account is None:
         # The account is gone or its password changed since this cookie was set.
         logout_user()
@@ -75,33 +79,8 @@ async def register() -> ResponseReturnValue:
     if not form.validate_on_submit():
         return await _render_form("auth/register.html", form)
 
-    session = get_session()
-    email = normalize_email(form.email.data)
-    if await email_taken(session=session, email=email):
-        form.email.errors.append("That email address is already registered.")
-    elif await username_taken(session=session, username=form.username.data):
-        form.username.errors.append("That username is already taken.")
-    if form.errors:
-        return await _render_form("auth/register.html", form)
-
-    try:
-        user = await create_user(
-            session=session,
-            email=email,
-            username=form.username.data,
-            password_hash=await hash_password(form.password.data),
-            admin_email=current_app.config["APP_ADMIN"],
-        )
-        # The emails are written to the outbox in the same transaction as the
-        # user, so a signup that fails to commit sends nothing and one that
-        # commits always has its emails.
-        await send_confirmation(user)
-        await send_new_user_notice(user)
-        await session.commit()
-    except IntegrityError:
-        # Another request registered the same address or name after our check.
-        await session.rollback()
-        form.email.errors.append("That email address or username is already taken.")
+    user = await _create_account(form)
+    if user is None:
         return await _render_form("auth/register.html", form)
 
     login_user(AuthUser(user.auth_id))
@@ -116,8 +95,8 @@ async def login() -> ResponseReturnValue:
         return await _render_form("auth/login.html", form)
 
     session = get_session()
-    user = await find_user_by_email(session=session, email=form.email.data)
-    password = form.password.data
+    user = await find_user_by_email(session=session, email=form.email.data or "")
+    password = form.password.data or ""
     # The password is checked even with no such user, against a dummy hash, so
     # the response time does not reveal which addresses are registered.
     matched = await verify_password(user.password_hash if user else None, password)
@@ -128,7 +107,7 @@ async def login() -> ResponseReturnValue:
     if needs_rehash(user.password_hash):
         user.password_hash = await hash_password(password)
         await session.commit()
-    login_user(AuthUser(user.auth_id), remember=form.remember_me.data)
+    login_user(AuthUser(user.auth_id), remember=bool(form.remember_me.data))
     return redirect(_local_path(request.args.get("next")) or url_for("main.index"))
 
 
@@ -194,7 +173,7 @@ async def resend_confirmation() -> ResponseReturnValue:
         .values(confirmation_sent_at=now)
         .execution_options(synchronize_session=False)
     )
-    if claimed.rowcount != 1:
+    if cast(CursorResult[Any], claimed).rowcount != 1:
         await session.rollback()
         await flash(
             "A confirmation email was sent less than "
@@ -217,6 +196,40 @@ async def unconfirmed() -> ResponseReturnValue:
     if account.confirmed:
         return redirect(url_for("main.index"))
     return await render_template("auth/unconfirmed.html", form=EmptyForm())
+
+
+async def _create_account(form: RegistrationForm) -> User | None:
+    """Add the user and its emails in one transaction; None with form errors set."""
+    session = get_session()
+    email = normalize_email(form.email.data or "")
+    username = form.username.data or ""
+    if await email_taken(session=session, email=email):
+        add_error(form.email, "That email address is already registered.")
+        return None
+    if await username_taken(session=session, username=username):
+        add_error(form.username, "That username is already taken.")
+        return None
+
+    try:
+        user = await create_user(
+            session=session,
+            email=email,
+            username=username,
+            password_hash=await hash_password(form.password.data or ""),
+            admin_email=current_app.config["APP_ADMIN"],
+        )
+        # The emails are written to the outbox in the same transaction as the
+        # user, so a signup that fails to commit sends nothing and one that
+        # commits always has its emails.
+        await send_confirmation(user)
+        await send_new_user_notice(user)
+        await session.commit()
+    except IntegrityError:
+        # Another request registered the same address or name after our check.
+        await session.rollback()
+        add_error(form.email, "That email address or username is already taken.")
+        return None
+    return user
 
 
 async def _render_form(

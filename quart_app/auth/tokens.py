@@ -31,8 +31,11 @@ class _IssuedAtSigner(TimestampSigner):
 
 
 def _serializer(purpose: Purpose) -> URLSafeTimedSerializer:
+    secret_key = current_app.secret_key
+    if secret_key is None:
+        raise RuntimeError("SECRET_KEY is not set, so no token can be signed")
     return URLSafeTimedSerializer(
-        current_app.secret_key,
+        secret_key,
         salt=f"quart-app/{purpose.value}",
         signer=_IssuedAtSigner,
     )

@@ -40,7 +40,7 @@ class StoredMessage:
         except Exception:  # noqa: BLE001 - any sender may write any header
             for raw_name, raw_value in self.message.raw_items():
                 if raw_name.lower() == name.lower():
-                    return raw_value
+                    return str(raw_value)
             return ""
 
 
@@ -71,7 +71,7 @@ class MailboxStore:
             )
         except FileNotFoundError:
             return []
-        messages = []
+        messages: list[StoredMessage] = []
         for name in names:
             if len(messages) == limit:
                 break
@@ -100,7 +100,7 @@ class MailboxStore:
             message = BytesHeaderParser(policy=policy.default).parsebytes(content)
         else:
             message = message_from_bytes(content, policy=policy.default)
-        return StoredMessage(message_id, message)  # type: ignore[arg-type]
+        return StoredMessage(message_id, message)
 
 
 class _StoringHandler:

@@ -69,16 +69,18 @@ def _part_text(message: EmailMessage, subtype: str) -> str | None:
     if part is None:
         return None
     try:
-        return part.get_content()
+        content: str = part.get_content()
     except (LookupError, ValueError, AssertionError):
         payload = part.get_payload(decode=True)
         if isinstance(payload, bytes):
             return payload.decode("utf-8", errors="replace")
         return str(part.get_payload())
+    return content
 
 
 def _mailbox() -> DevMailbox:
-    return current_app.extensions["dev_mailbox"]
+    mailbox: DevMailbox = current_app.extensions["dev_mailbox"]
+    return mailbox
 
 
 def _link_urls(text: str) -> Markup:

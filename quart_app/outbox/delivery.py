@@ -18,11 +18,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import aiosmtplib
 from quart import Quart
 from sqlalchemy import and_, case, func, literal, or_, select, update
+from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
@@ -236,7 +237,7 @@ class Outbox:
         now = utcnow()
         due = select(OutboxMessage.id).where(_claimable(now))
         due = due.order_by(OutboxMessage.next_attempt_at, OutboxMessage.id)
-        if session.bind.dialect.name == "postgresql":
+        if session.get_bind().dialect.name == "postgresql":
             # SKIP LOCKED lets every worker pass over rows that another worker is
             # claiming right now, so workers do not queue behind each other.
             locked = await session.execute(
@@ -288,7 +289,7 @@ class Outbox:
             .execution_options(synchronize_session=False)
         )
         await session.commit()
-        if result.rowcount != 1:
+        if _rowcount(result) != 1:
             return None
         row = await session.get(OutboxMessage, id_, populate_existing=True)
         if row is None or row.lease_token != token:
@@ -318,7 +319,7 @@ class Outbox:
                 .execution_options(synchronize_session=False)
             )
             await session.commit()
-        if updated.rowcount != 1:
+        if _rowcount(updated) != 1:
             logger.warning(
                 "Outbox %d was sent, but its lease had expired and another worker "
                 "may send it again",
@@ -428,7 +429,12 @@ class Outbox:
             .execution_options(synchronize_session=False)
         )
         await session.commit()
-        return result.rowcount
+        return _rowcount(result)
+
+
+def _rowcount(result: Result[Any]) -> int:
+    # An UPDATE returns a CursorResult, whose row count the generic type hides.
+    return cast(CursorResult[Any], result).rowcount
 
 
 def _claimable(now: datetime) -> ColumnElement[bool]:
