@@ -19,8 +19,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
-from quart_app.auth.mail import send_confirmation, send_new_user_notice
-from quart_app.auth.tokens import Purpose, load_token
+from quart_app.auth.mail import (
+    send_confirmation,
+    send_new_user_notice,
+    send_password_reset,
+)
+from quart_app.auth.tokens import Purpose, generate_token, load_token
 from quart_app.errors import DuplicateUser, TokenInvalid
 from quart_app.models import (
     User,
@@ -39,7 +43,10 @@ __all__ = (
     "authenticate",
     "confirm_account",
     "register_user",
+    "request_password_reset",
     "resend_confirmation",
+    "reset_password",
+    "verify_reset_token",
 )
 
 PASSWORD_MIN_LENGTH = 8
@@ -153,6 +160,88 @@ async def resend_confirmation(*, session: AsyncSession, user: User) -> bool:
     if claimed:
         await send_confirmation(user)
     return claimed
+
+
+async def request_password_reset(*, session: AsyncSession, email: str) -> None:
+    """Queue a password reset email if an account has this address.
+
+    Nothing happens for an unknown address, or when the account's last reset
+    email is less than PASSWORD_RESET_INTERVAL seconds old, so that a stranger
+    with the address cannot flood its mailbox. The caller responds the same in
+    every case, so the response does not reveal whether the address is
+    registered. The link in the email works once, and only while the account
+    keeps its password and address.
+    """
+    user = await find_user_by_email(session=session, email=email)
+    if user is None:
+        return
+
+    claimed = await _claim_email_slot(
+        session=session,
+        user=user,
+        sent_at=User.password_reset_sent_at,
+        interval=current_app.config["PASSWORD_RESET_INTERVAL"],
+    )
+    if claimed:
+        token = generate_token(
+            Purpose.RESET_PASSWORD,
+            {
+                "reset": user.id,
+                "email": user.email,
+                "password": user.password_fingerprint,
+            },
+        )
+        await send_password_reset(user, token)
+
+
+async def verify_reset_token(*, session: AsyncSession, token: str) -> User:
+    """Return the user whose password a reset link may change, without changing it.
+
+    Raises:
+        TokenExpired: the link is older than TOKEN_MAX_AGE.
+        TokenInvalid: the link is malformed, tampered with or made for another
+            purpose, or the account's password or address changed after it was
+            sent, which includes a reset through this same link.
+    """
+    payload = load_token(Purpose.RESET_PASSWORD, token)
+    user = await session.get(User, _user_id(payload, "reset"))
+    if (
+        user is None
+        or user.email != payload.get("email")
+        or user.password_fingerprint != payload.get("password")
+    ):
+        raise TokenInvalid("The password reset link was used already or is outdated.")
+    return user
+
+
+async def reset_password(*, session: AsyncSession, token: str, password: str) -> User:
+    """Set a new password through a link from a password reset email.
+
+    The account is confirmed too, because the link proves control of its
+    address. The new password changes `User.auth_id`, which ends every login of
+    the account, and makes the link invalid.
+
+    Raises:
+        TokenExpired: the link is older than TOKEN_MAX_AGE.
+        TokenInvalid: see `verify_reset_token`. Of two requests that use one
+            link at the same time, the one that commits second gets this.
+    """
+    user = await verify_reset_token(session=session, token=token)
+    old_hash = user.password_hash
+    new_hash = await hash_password(password)
+
+    # The old hash in the WHERE clause makes the link single-use even when two
+    # requests verified it at once, because the second UPDATE no longer matches.
+    result = await session.execute(
+        update(User)
+        .where(User.id == user.id, User.password_hash == old_hash)
+        .values(password_hash=new_hash, confirmed=True)
+        .execution_options(synchronize_session=False)
+    )
+    if cast(CursorResult[Any], result).rowcount != 1:
+        raise TokenInvalid("The password reset link was used already.")
+    await session.refresh(user)
+    return user
 
 
 async def _duplicate_field(

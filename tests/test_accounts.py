@@ -1,5 +1,6 @@
 """The account operations called directly, as the JSON API calls them."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -11,8 +12,8 @@ from quart import Quart
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from quart_app import accounts
-from quart_app.db import get_session
-from quart_app.errors import DuplicateUser, TokenInvalid
+from quart_app.db import get_session, session_scope
+from quart_app.errors import DuplicateUser, TokenError, TokenInvalid
 from quart_app.models import Role, User
 from tests.conftest import (
     ADMIN_EMAIL,
@@ -21,7 +22,9 @@ from tests.conftest import (
     confirm_link,
     fetch_outbox,
     fetch_users,
+    link_to,
     make_app,
+    next_message_about,
 )
 
 
@@ -188,3 +191,50 @@ async def test_resend_confirmation_queues_email(app: Quart, relay: Relay) -> Non
     assert sent is True
     subjects = [message["Subject"] for message in relay.messages]
     assert subjects.count("[Quart App] Confirm Your Account") == 2
+
+
+async def test_request_password_reset_unknown_address(app: Quart, relay: Relay) -> None:
+    async with _session(app) as session:
+        await _register(session)
+        result = await accounts.request_password_reset(
+            session=session, email="nobody@example.com"
+        )
+        await session.commit()
+    assert result is None
+    assert [row.subject for row in await fetch_outbox(app)] == [
+        "[Quart App] Confirm Your Account",
+        "[Quart App] New User",
+    ]
+
+
+async def test_reset_password_concurrent_use_once(app: Quart, relay: Relay) -> None:
+    async with _session(app) as session:
+        await _register(session)
+        await accounts.request_password_reset(
+            session=session, email="alice@example.com"
+        )
+        await session.commit()
+        message = await next_message_about(relay, "Reset Your Password")
+        token = link_to(message, "/auth/reset/").rsplit("/", 1)[1]
+
+        async def _reset(password: str) -> User | TokenError:
+            async with session_scope() as own_session:
+                try:
+                    user = await accounts.reset_password(
+                        session=own_session, token=token, password=password
+                    )
+                except TokenError as error:
+                    return error
+                await own_session.commit()
+                return user
+
+        outcomes = await asyncio.gather(
+            _reset("first new password"), _reset("second new password")
+        )
+    winners = [outcome for outcome in outcomes if isinstance(outcome, User)]
+    losers = [outcome for outcome in outcomes if isinstance(outcome, TokenInvalid)]
+    assert len(winners) == 1
+    assert len(losers) == 1
+    [stored] = await fetch_users(app)
+    assert stored.password_hash == winners[0].password_hash
+    assert stored.confirmed

@@ -147,3 +147,30 @@ class LoginForm(AppForm):
 
 class EmptyForm(AppForm):
     """A form with only the CSRF token, for buttons such as "resend"."""
+
+
+class PasswordResetRequestForm(AppForm):
+    email = EmailField(
+        "Email",
+        filters=[_strip],
+        validators=[
+            DataRequired(),
+            _no_control_characters,
+            Length(max=EMAIL_MAX_LENGTH),
+        ],
+    )
+
+
+class NewPasswordForm(AppForm):
+    """A new password, typed twice, for the password reset page."""
+
+    password = PasswordField(
+        "New password", validators=[DataRequired(), _password_length]
+    )
+    password2 = PasswordField(
+        "Confirm new password",
+        validators=[
+            DataRequired(),
+            EqualTo("password", message="The passwords do not match."),
+        ],
+    )

@@ -1,4 +1,7 @@
-"""The account emails: confirmation and the administrator's "New User" notice."""
+"""Account emails: confirmation and password reset.
+
+Also the administrator's "New User" notice.
+"""
 
 from typing import Any
 
@@ -27,6 +30,16 @@ async def send_confirmation(user: User) -> None:
         "email/confirm",
         user=user,
         confirm_url=external_url("auth.confirm", token=token),
+    )
+
+
+async def send_password_reset(user: User, token: str) -> None:
+    await send_email(
+        user.email,
+        "Reset Your Password",
+        "email/reset_password",
+        user=user,
+        reset_url=external_url("auth.password_reset", token=token),
     )
 
 

@@ -19,6 +19,8 @@ from quart_app.auth.forms import (
     AppForm,
     EmptyForm,
     LoginForm,
+    NewPasswordForm,
+    PasswordResetRequestForm,
     RegistrationForm,
     add_error,
 )
@@ -114,7 +116,7 @@ async def confirm(token: str) -> ResponseReturnValue:
     try:
         user, already = await accounts.confirm_account(session=session, token=token)
     except TokenError as error:
-        return await _render_token_error(error)
+        return await _render_token_error(error, retry_endpoint="auth.unconfirmed")
 
     await session.commit()
     return await render_template("auth/confirmed.html", user=user, already=already)
@@ -159,6 +161,50 @@ async def unconfirmed() -> ResponseReturnValue:
     return await render_template("auth/unconfirmed.html", form=EmptyForm())
 
 
+@bp.route("/reset", methods=["GET", "POST"])
+async def password_reset_request() -> ResponseReturnValue:
+    # Logged-in users may ask too, because a browser can stay logged in long
+    # after its user forgot the password, and a change needs the old one.
+    form = await PasswordResetRequestForm.from_request()
+    if not form.validate_on_submit():
+        return await _render_form("auth/reset_request.html", form)
+
+    session = get_session()
+    await accounts.request_password_reset(session=session, email=form.email.data or "")
+    await session.commit()
+    # The same message whether or not the address is registered.
+    await flash(
+        "If an account uses that address, an email with a link to reset its "
+        "password has been sent to it.",
+        "info",
+    )
+    return redirect(url_for("auth.login"))
+
+
+@bp.route("/reset/<token>", methods=["GET", "POST"])
+async def password_reset(token: str) -> ResponseReturnValue:
+    session = get_session()
+    form = await NewPasswordForm.from_request()
+    try:
+        await accounts.verify_reset_token(session=session, token=token)
+        if not form.validate_on_submit():
+            return await _render_form("auth/reset_password.html", form)
+        await accounts.reset_password(
+            session=session, token=token, password=form.password.data or ""
+        )
+    except TokenError as error:
+        return await _render_token_error(
+            error, retry_endpoint="auth.password_reset_request"
+        )
+
+    await session.commit()
+    # The browser that reset the password logs in again with the new one, even
+    # if it was logged in as another user.
+    logout_user()
+    await flash("Your password has been reset. Log in with the new one.", "info")
+    return redirect(url_for("auth.login"))
+
+
 async def _register(form: RegistrationForm) -> User | None:
     """Register the user and commit, or return None with the form's errors set."""
     session = get_session()
@@ -192,12 +238,16 @@ async def _render_form(template: str, form: AppForm) -> ResponseReturnValue:
     return await render_template(template, form=form), status
 
 
-async def _render_token_error(error: TokenError) -> ResponseReturnValue:
-    expired = isinstance(error, TokenExpired)
-    return (
-        await render_template("auth/token_error.html", expired=expired),
-        400,
+async def _render_token_error(
+    error: TokenError, *, retry_endpoint: str
+) -> ResponseReturnValue:
+    """Render the page for an unusable link, with a link to ask for a new one."""
+    page = await render_template(
+        "auth/token_error.html",
+        expired=isinstance(error, TokenExpired),
+        retry_url=url_for(retry_endpoint),
     )
+    return page, 400
 
 
 def _local_path(target: str | None) -> str | None:
