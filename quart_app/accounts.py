@@ -41,6 +41,7 @@ __all__ = (
     "PASSWORD_MAX_LENGTH",
     "PASSWORD_MIN_LENGTH",
     "authenticate",
+    "change_password",
     "confirm_account",
     "register_user",
     "request_password_reset",
@@ -242,6 +243,23 @@ async def reset_password(*, session: AsyncSession, token: str, password: str) ->
         raise TokenInvalid("The password reset link was used already.")
     await session.refresh(user)
     return user
+
+
+async def change_password(
+    *, session: AsyncSession, user: User, old_password: str, password: str
+) -> bool:
+    """Replace the password of `user` if `old_password` is its current one.
+
+    Returns False, changing nothing, when `old_password` is wrong. The new
+    password changes `User.auth_id`, so it ends the account's other logins. A
+    caller that wants to keep the current login logs it in again with the new
+    `auth_id` after the commit.
+    """
+    if not await verify_password(user.password_hash, old_password):
+        return False
+
+    user.password_hash = await hash_password(password)
+    return True
 
 
 async def _duplicate_field(

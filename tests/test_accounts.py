@@ -238,3 +238,14 @@ async def test_reset_password_concurrent_use_once(app: Quart, relay: Relay) -> N
     [stored] = await fetch_users(app)
     assert stored.password_hash == winners[0].password_hash
     assert stored.confirmed
+
+
+async def test_change_password_wrong_old_password(app: Quart, relay: Relay) -> None:
+    async with _session(app) as session:
+        user = await _register(session)
+        old_hash = user.password_hash
+        changed = await accounts.change_password(
+            session=session, user=user, old_password="wrong", password="new password"
+        )
+    assert changed is False
+    assert user.password_hash == old_hash

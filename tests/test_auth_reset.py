@@ -419,6 +419,27 @@ async def test_reset_request_odd_email_no_match(
         assert "victim@example.com" not in envelope.rcpt_tos
 
 
+async def test_reset_link_void_after_password_change(app: Quart, relay: Relay) -> None:
+    async with serving(app) as client:
+        await sign_up(client, relay)
+        await _request_reset(client)
+        path = await _reset_path(relay)
+
+        token = await csrf_token(client, "/auth/change-password")
+        changed = await client.post(
+            "/auth/change-password",
+            form={
+                "csrf_token": token,
+                "old_password": PASSWORD,
+                "password": NEW_PASSWORD,
+                "password2": NEW_PASSWORD,
+            },
+        )
+        assert changed.status_code == 302
+        page = await client.get(path)
+        assert page.status_code == 400
+
+
 async def test_login_page_links_to_reset(client: QuartClient) -> None:
     page = await page_text(await client.get("/auth/login"))
     assert 'href="/auth/reset"' in page

@@ -174,3 +174,10 @@ class NewPasswordForm(AppForm):
             EqualTo("password", message="The passwords do not match."),
         ],
     )
+
+
+class ChangePasswordForm(NewPasswordForm):
+    old_password = PasswordField(
+        "Current password",
+        validators=[DataRequired(), Length(max=PASSWORD_MAX_LENGTH)],
+    )

@@ -12,11 +12,18 @@ from quart import (
     url_for,
 )
 from quart.typing import ResponseReturnValue
-from quart_auth import AuthUser, current_user, login_user, logout_user
+from quart_auth import (
+    AuthUser,
+    current_user,
+    login_required,
+    login_user,
+    logout_user,
+)
 
 from quart_app import accounts
 from quart_app.auth.forms import (
     AppForm,
+    ChangePasswordForm,
     EmptyForm,
     LoginForm,
     NewPasswordForm,
@@ -203,6 +210,35 @@ async def password_reset(token: str) -> ResponseReturnValue:
     logout_user()
     await flash("Your password has been reset. Log in with the new one.", "info")
     return redirect(url_for("auth.login"))
+
+
+@bp.route("/change-password", methods=["GET", "POST"])
+@login_required
+async def change_password() -> ResponseReturnValue:
+    form = await ChangePasswordForm.from_request()
+    if not form.validate_on_submit():
+        return await _render_form("auth/change_password.html", form)
+
+    account: User = g.account
+    session = get_session()
+    changed = await accounts.change_password(
+        session=session,
+        user=account,
+        old_password=form.old_password.data or "",
+        password=form.password.data or "",
+    )
+    if not changed:
+        add_error(form.old_password, "The current password is incorrect.")
+        return await _render_form("auth/change_password.html", form)
+
+    await session.commit()
+    # The new password hash ends every login, this one included, unless this
+    # browser gets a cookie with the new auth id.
+    # NOTE: the new cookie lasts until the browser closes even if the old one
+    # was "Keep me logged in", because the request does not show which it was.
+    login_user(AuthUser(account.auth_id))
+    await flash("Your password has been changed. Other devices are logged out.", "info")
+    return redirect(url_for("main.index"))
 
 
 async def _register(form: RegistrationForm) -> User | None:
