@@ -146,4 +146,5 @@ async def test_nav_links_account_pages(app: Quart, relay: Relay) -> None:
         await sign_up(client, relay)
         member = await page_text(await client.get("/"))
     assert 'href="/auth/change-password"' in member
+    assert 'href="/auth/change-email"' in member
     assert 'href="/auth/change-password"' not in stranger

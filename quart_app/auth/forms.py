@@ -181,3 +181,19 @@ class ChangePasswordForm(NewPasswordForm):
         "Current password",
         validators=[DataRequired(), Length(max=PASSWORD_MAX_LENGTH)],
     )
+
+
+class ChangeEmailForm(AppForm):
+    email = EmailField(
+        "New email",
+        filters=[_strip],
+        validators=[
+            DataRequired(),
+            _no_control_characters,
+            Length(max=EMAIL_MAX_LENGTH),
+            _deliverable_address,
+        ],
+    )
+    password = PasswordField(
+        "Password", validators=[DataRequired(), Length(max=PASSWORD_MAX_LENGTH)]
+    )

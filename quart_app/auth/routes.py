@@ -23,6 +23,7 @@ from quart_auth import (
 from quart_app import accounts
 from quart_app.auth.forms import (
     AppForm,
+    ChangeEmailForm,
     ChangePasswordForm,
     EmptyForm,
     LoginForm,
@@ -32,8 +33,13 @@ from quart_app.auth.forms import (
     add_error,
 )
 from quart_app.db import get_session
-from quart_app.errors import DuplicateUser, TokenError, TokenExpired
-from quart_app.models import User, find_user_by_auth_id, utcnow
+from quart_app.errors import (
+    DuplicateUser,
+    IncorrectPassword,
+    TokenError,
+    TokenExpired,
+)
+from quart_app.models import User, find_user_by_auth_id, normalize_email, utcnow
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
 
@@ -241,6 +247,48 @@ async def change_password() -> ResponseReturnValue:
     return redirect(url_for("main.index"))
 
 
+@bp.route("/change-email", methods=["GET", "POST"])
+@login_required
+async def change_email_request() -> ResponseReturnValue:
+    form = await ChangeEmailForm.from_request()
+    if not form.validate_on_submit():
+        return await _render_form("auth/change_email.html", form)
+
+    sent = await _request_email_change(form)
+    if not sent:
+        return await _render_form("auth/change_email.html", form)
+
+    await get_session().commit()
+    new_email = normalize_email(form.email.data or "")
+    await flash(
+        f"An email with a confirmation link has been sent to {new_email}. "
+        "Your address changes when you open the link.",
+        "info",
+    )
+    return redirect(url_for("main.index"))
+
+
+@bp.get("/change-email/<token>")
+async def change_email(token: str) -> ResponseReturnValue:
+    session = get_session()
+    try:
+        user = await accounts.change_email(session=session, token=token)
+    except TokenError as error:
+        return await _render_token_error(
+            error, retry_endpoint="auth.change_email_request"
+        )
+    except DuplicateUser:
+        page = await render_template(
+            "auth/token_error.html",
+            taken=True,
+            retry_url=url_for("auth.change_email_request"),
+        )
+        return page, 409
+
+    await session.commit()
+    return await render_template("auth/email_changed.html", user=user)
+
+
 async def _register(form: RegistrationForm) -> User | None:
     """Register the user and commit, or return None with the form's errors set."""
     session = get_session()
@@ -260,6 +308,37 @@ async def _register(form: RegistrationForm) -> User | None:
 
     await session.commit()
     return user
+
+
+async def _request_email_change(form: ChangeEmailForm) -> bool:
+    """Queue the email to the new address, or set the form's errors and return False."""
+    account: User = g.account
+    if normalize_email(form.email.data or "") == account.email:
+        add_error(form.email, "That is already your email address.")
+        return False
+
+    try:
+        sent = await accounts.request_email_change(
+            session=get_session(),
+            user=account,
+            new_email=form.email.data or "",
+            password=form.password.data or "",
+        )
+    except IncorrectPassword:
+        add_error(form.password, "The password is incorrect.")
+        return False
+    except DuplicateUser:
+        add_error(form.email, "That email address is already registered.")
+        return False
+
+    if not sent:
+        interval = current_app.config["EMAIL_CHANGE_INTERVAL"]
+        add_error(
+            form.email,
+            f"An email to confirm a new address was sent less than {interval} "
+            "seconds ago. Check that inbox, or try again shortly.",
+        )
+    return sent
 
 
 async def _render_form(template: str, form: AppForm) -> ResponseReturnValue:
