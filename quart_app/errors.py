@@ -35,3 +35,7 @@ class DuplicateUser(AppError):
     def __init__(self, field: str) -> None:
         super().__init__(f"That {field} is already registered.")
         self.field = field
+
+
+class IncorrectPassword(AppError):
+    """The password given to confirm a change does not match the account's."""

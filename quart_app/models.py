@@ -98,6 +98,12 @@ class User(Base):
     # When the last confirmation email was queued, to limit how often a user
     # can ask for another one.
     confirmation_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When the last password reset email was queued. Anyone can request one, so
+    # this limits how often a stranger can have the app mail the account.
+    password_reset_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When the last email to confirm a new address was queued, to limit how
+    # often the account can have the app mail an address of its choice.
+    email_change_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     @property
     def is_administrator(self) -> bool:
@@ -110,8 +116,16 @@ class User(Base):
         It carries a fingerprint of the password hash, so changing the password
         ends every other login of the account.
         """
-        fingerprint = hashlib.sha256(self.password_hash.encode()).hexdigest()[:16]
-        return f"{self.id}:{fingerprint}"
+        return f"{self.id}:{self.password_fingerprint}"
+
+    @property
+    def password_fingerprint(self) -> str:
+        """A short digest of the password hash.
+
+        argon2 salts every hash afresh, so the digest changes with each new
+        password, even when the password itself is the same.
+        """
+        return hashlib.sha256(self.password_hash.encode()).hexdigest()[:16]
 
     def __repr__(self) -> str:
         return f"<User {self.id} {self.username!r}>"

@@ -1,5 +1,4 @@
 from datetime import timedelta
-from typing import Any, cast
 from urllib.parse import urlsplit
 
 from quart import (
@@ -13,27 +12,34 @@ from quart import (
     url_for,
 )
 from quart.typing import ResponseReturnValue
-from quart_auth import AuthUser, current_user, login_user, logout_user
-from sqlalchemy import or_, update
-from sqlalchemy.engine import CursorResult
-from sqlalchemy.exc import IntegrityError
-
-from quart_app.auth.forms import EmptyForm, LoginForm, RegistrationForm, add_error
-from quart_app.auth.mail import send_confirmation, send_new_user_notice
-from quart_app.auth.tokens import Purpose, load_token
-from quart_app.db import get_session
-from quart_app.errors import TokenError, TokenExpired
-from quart_app.models import (
-    User,
-    create_user,
-    email_taken,
-    find_user_by_auth_id,
-    find_user_by_email,
-    normalize_email,
-    username_taken,
-    utcnow,
+from quart_auth import (
+    AuthUser,
+    current_user,
+    login_required,
+    login_user,
+    logout_user,
 )
-from quart_app.passwords import hash_password, needs_rehash, verify_password
+
+from quart_app import accounts
+from quart_app.auth.forms import (
+    AppForm,
+    ChangeEmailForm,
+    ChangePasswordForm,
+    EmptyForm,
+    LoginForm,
+    NewPasswordForm,
+    PasswordResetRequestForm,
+    RegistrationForm,
+    add_error,
+)
+from quart_app.db import get_session
+from quart_app.errors import (
+    DuplicateUser,
+    IncorrectPassword,
+    TokenError,
+    TokenExpired,
+)
+from quart_app.models import User, find_user_by_auth_id, normalize_email, utcnow
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
 
@@ -79,7 +85,7 @@ async def register() -> ResponseReturnValue:
     if not form.validate_on_submit():
         return await _render_form("auth/register.html", form)
 
-    user = await _create_account(form)
+    user = await _register(form)
     if user is None:
         return await _render_form("auth/register.html", form)
 
@@ -95,18 +101,17 @@ async def login() -> ResponseReturnValue:
         return await _render_form("auth/login.html", form)
 
     session = get_session()
-    user = await find_user_by_email(session=session, email=form.email.data or "")
-    password = form.password.data or ""
-    # The password is checked even with no such user, against a dummy hash, so
-    # the response time does not reveal which addresses are registered.
-    matched = await verify_password(user.password_hash if user else None, password)
-    if user is None or not matched:
+    user = await accounts.authenticate(
+        session=session,
+        email=form.email.data or "",
+        password=form.password.data or "",
+    )
+    if user is None:
         await flash("Invalid email or password.", "error")
         return await _render_form("auth/login.html", form)
 
-    if needs_rehash(user.password_hash):
-        user.password_hash = await hash_password(password)
-        await session.commit()
+    # Saves the new hash when `authenticate` rehashed the password.
+    await session.commit()
     login_user(AuthUser(user.auth_id), remember=bool(form.remember_me.data))
     return redirect(_local_path(request.args.get("next")) or url_for("main.index"))
 
@@ -120,25 +125,13 @@ async def logout() -> ResponseReturnValue:
 
 @bp.get("/confirm/<token>")
 async def confirm(token: str) -> ResponseReturnValue:
-    try:
-        payload = load_token(Purpose.CONFIRM, token)
-    except TokenError as error:
-        return await _render_token_error(error)
-
-    user_id = payload.get("confirm")
-    if type(user_id) is not int or not 0 < user_id < 2**31:
-        return await _render_token_error(None)
     session = get_session()
-    user = await session.get(User, user_id)
-    # The address is part of the token, so a link sent to an old address
-    # cannot confirm an account whose address has changed since.
-    if user is None or user.email != payload.get("email"):
-        return await _render_token_error(None)
+    try:
+        user, already = await accounts.confirm_account(session=session, token=token)
+    except TokenError as error:
+        return await _render_token_error(error, retry_endpoint="auth.unconfirmed")
 
-    already = user.confirmed
-    if not already:
-        user.confirmed = True
-        await session.commit()
+    await session.commit()
     return await render_template("auth/confirmed.html", user=user, already=already)
 
 
@@ -156,25 +149,9 @@ async def resend_confirmation() -> ResponseReturnValue:
         await flash("The form expired. Please press the button again.", "error")
         return await render_template("auth/unconfirmed.html", form=form), 400
 
-    interval = current_app.config["CONFIRMATION_RESEND_INTERVAL"]
     session = get_session()
-    now = utcnow()
-    # One conditional UPDATE both checks and moves the time of the last email, so
-    # of several requests sent at once only one passes.
-    claimed = await session.execute(
-        update(User)
-        .where(
-            User.id == account.id,
-            or_(
-                User.confirmation_sent_at.is_(None),
-                User.confirmation_sent_at <= now - timedelta(seconds=interval),
-            ),
-        )
-        .values(confirmation_sent_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    if cast(CursorResult[Any], claimed).rowcount != 1:
-        await session.rollback()
+    if not await accounts.resend_confirmation(session=session, user=account):
+        interval = current_app.config["CONFIRMATION_RESEND_INTERVAL"]
         await flash(
             "A confirmation email was sent less than "
             f"{interval} seconds ago. Check your inbox, or try again shortly.",
@@ -182,7 +159,6 @@ async def resend_confirmation() -> ResponseReturnValue:
         )
         return redirect(url_for("auth.unconfirmed"))
 
-    await send_confirmation(account)
     await session.commit()
     await flash("A new confirmation email has been sent to your address.", "info")
     return redirect(url_for("auth.unconfirmed"))
@@ -198,43 +174,174 @@ async def unconfirmed() -> ResponseReturnValue:
     return await render_template("auth/unconfirmed.html", form=EmptyForm())
 
 
-async def _create_account(form: RegistrationForm) -> User | None:
-    """Add the user and its emails in one transaction; None with form errors set."""
+@bp.route("/reset", methods=["GET", "POST"])
+async def password_reset_request() -> ResponseReturnValue:
+    # Logged-in users may ask too, because a browser can stay logged in long
+    # after its user forgot the password, and a change needs the old one.
+    form = await PasswordResetRequestForm.from_request()
+    if not form.validate_on_submit():
+        return await _render_form("auth/reset_request.html", form)
+
     session = get_session()
-    email = normalize_email(form.email.data or "")
-    username = form.username.data or ""
-    if await email_taken(session=session, email=email):
-        add_error(form.email, "That email address is already registered.")
-        return None
-    if await username_taken(session=session, username=username):
-        add_error(form.username, "That username is already taken.")
+    await accounts.request_password_reset(session=session, email=form.email.data or "")
+    await session.commit()
+    # The same message whether or not the address is registered.
+    await flash(
+        "If an account uses that address, an email with a link to reset its "
+        "password has been sent to it.",
+        "info",
+    )
+    return redirect(url_for("auth.login"))
+
+
+@bp.route("/reset/<token>", methods=["GET", "POST"])
+async def password_reset(token: str) -> ResponseReturnValue:
+    session = get_session()
+    form = await NewPasswordForm.from_request()
+    try:
+        await accounts.verify_reset_token(session=session, token=token)
+        if not form.validate_on_submit():
+            return await _render_form("auth/reset_password.html", form)
+        await accounts.reset_password(
+            session=session, token=token, password=form.password.data or ""
+        )
+    except TokenError as error:
+        return await _render_token_error(
+            error, retry_endpoint="auth.password_reset_request"
+        )
+
+    await session.commit()
+    # The browser that reset the password logs in again with the new one, even
+    # if it was logged in as another user.
+    logout_user()
+    await flash("Your password has been reset. Log in with the new one.", "info")
+    return redirect(url_for("auth.login"))
+
+
+@bp.route("/change-password", methods=["GET", "POST"])
+@login_required
+async def change_password() -> ResponseReturnValue:
+    form = await ChangePasswordForm.from_request()
+    if not form.validate_on_submit():
+        return await _render_form("auth/change_password.html", form)
+
+    account: User = g.account
+    session = get_session()
+    changed = await accounts.change_password(
+        session=session,
+        user=account,
+        old_password=form.old_password.data or "",
+        password=form.password.data or "",
+    )
+    if not changed:
+        add_error(form.old_password, "The current password is incorrect.")
+        return await _render_form("auth/change_password.html", form)
+
+    await session.commit()
+    # The new password hash ends every login, this one included, unless this
+    # browser gets a cookie with the new auth id.
+    # NOTE: the new cookie lasts until the browser closes even if the old one
+    # was "Keep me logged in", because the request does not show which it was.
+    login_user(AuthUser(account.auth_id))
+    await flash("Your password has been changed. Other devices are logged out.", "info")
+    return redirect(url_for("main.index"))
+
+
+@bp.route("/change-email", methods=["GET", "POST"])
+@login_required
+async def change_email_request() -> ResponseReturnValue:
+    form = await ChangeEmailForm.from_request()
+    if not form.validate_on_submit():
+        return await _render_form("auth/change_email.html", form)
+
+    sent = await _request_email_change(form)
+    if not sent:
+        return await _render_form("auth/change_email.html", form)
+
+    await get_session().commit()
+    new_email = normalize_email(form.email.data or "")
+    await flash(
+        f"An email with a confirmation link has been sent to {new_email}. "
+        "Your address changes when you open the link.",
+        "info",
+    )
+    return redirect(url_for("main.index"))
+
+
+@bp.get("/change-email/<token>")
+async def change_email(token: str) -> ResponseReturnValue:
+    session = get_session()
+    try:
+        user = await accounts.change_email(session=session, token=token)
+    except TokenError as error:
+        return await _render_token_error(
+            error, retry_endpoint="auth.change_email_request"
+        )
+    except DuplicateUser:
+        page = await render_template(
+            "auth/token_error.html",
+            taken=True,
+            retry_url=url_for("auth.change_email_request"),
+        )
+        return page, 409
+
+    await session.commit()
+    return await render_template("auth/email_changed.html", user=user)
+
+
+async def _register(form: RegistrationForm) -> User | None:
+    """Register the user and commit, or return None with the form's errors set."""
+    session = get_session()
+    try:
+        user = await accounts.register_user(
+            session=session,
+            email=form.email.data or "",
+            username=form.username.data or "",
+            password=form.password.data or "",
+        )
+    except DuplicateUser as error:
+        if error.field == "username":
+            add_error(form.username, "That username is already taken.")
+        else:
+            add_error(form.email, "That email address is already registered.")
         return None
 
-    try:
-        user = await create_user(
-            session=session,
-            email=email,
-            username=username,
-            password_hash=await hash_password(form.password.data or ""),
-            admin_email=current_app.config["APP_ADMIN"],
-        )
-        # The emails are written to the outbox in the same transaction as the
-        # user, so a signup that fails to commit sends nothing and one that
-        # commits always has its emails.
-        await send_confirmation(user)
-        await send_new_user_notice(user)
-        await session.commit()
-    except IntegrityError:
-        # Another request registered the same address or name after our check.
-        await session.rollback()
-        add_error(form.email, "That email address or username is already taken.")
-        return None
+    await session.commit()
     return user
 
 
-async def _render_form(
-    template: str, form: RegistrationForm | LoginForm
-) -> ResponseReturnValue:
+async def _request_email_change(form: ChangeEmailForm) -> bool:
+    """Queue the email to the new address, or set the form's errors and return False."""
+    account: User = g.account
+    if normalize_email(form.email.data or "") == account.email:
+        add_error(form.email, "That is already your email address.")
+        return False
+
+    try:
+        sent = await accounts.request_email_change(
+            session=get_session(),
+            user=account,
+            new_email=form.email.data or "",
+            password=form.password.data or "",
+        )
+    except IncorrectPassword:
+        add_error(form.password, "The password is incorrect.")
+        return False
+    except DuplicateUser:
+        add_error(form.email, "That email address is already registered.")
+        return False
+
+    if not sent:
+        interval = current_app.config["EMAIL_CHANGE_INTERVAL"]
+        add_error(
+            form.email,
+            f"An email to confirm a new address was sent less than {interval} "
+            "seconds ago. Check that inbox, or try again shortly.",
+        )
+    return sent
+
+
+async def _render_form(template: str, form: AppForm) -> ResponseReturnValue:
     status = 200
     if form.csrf_failed:
         status = 400
@@ -246,12 +353,16 @@ async def _render_form(
     return await render_template(template, form=form), status
 
 
-async def _render_token_error(error: TokenError | None) -> ResponseReturnValue:
-    expired = isinstance(error, TokenExpired)
-    return (
-        await render_template("auth/token_error.html", expired=expired),
-        400,
+async def _render_token_error(
+    error: TokenError, *, retry_endpoint: str
+) -> ResponseReturnValue:
+    """Render the page for an unusable link, with a link to ask for a new one."""
+    page = await render_template(
+        "auth/token_error.html",
+        expired=isinstance(error, TokenExpired),
+        retry_url=url_for(retry_endpoint),
     )
+    return page, 400
 
 
 def _local_path(target: str | None) -> str | None:
