@@ -7,6 +7,10 @@ the settings, the password hasher and the email templates. They do not validate
 input formats: the caller checks addresses and password lengths first, against
 the same rules as the forms (for passwords, `PASSWORD_MIN_LENGTH` and
 `PASSWORD_MAX_LENGTH`).
+
+Before each password hash, a function ends the session's transaction if it has
+written nothing yet (`release_connection`), so a request waiting for a hashing
+thread keeps no pooled database connection.
 """
 
 import hashlib
@@ -27,6 +31,7 @@ from quart_app.auth.mail import (
     send_password_reset,
 )
 from quart_app.auth.tokens import Purpose, generate_token, load_token
+from quart_app.db import release_connection
 from quart_app.errors import DuplicateUser, IncorrectPassword, TokenInvalid
 from quart_app.models import (
     User,
@@ -81,6 +86,7 @@ async def register_user(
     if duplicate is not None:
         raise DuplicateUser(duplicate)
 
+    await release_connection(session)
     password_hash = await hash_password(password)
     try:
         user = await create_user(
@@ -115,6 +121,7 @@ async def authenticate(
     changes `User.auth_id` and so ends the user's other logins.
     """
     user = await find_user_by_email(session=session, email=email)
+    await release_connection(session)
     matched = await verify_password(user.password_hash if user else None, password)
     if user is None or not matched:
         return None
@@ -233,6 +240,7 @@ async def reset_password(*, session: AsyncSession, token: str, password: str) ->
     """
     user = await verify_reset_token(session=session, token=token)
     old_hash = user.password_hash
+    await release_connection(session)
     new_hash = await hash_password(password)
 
     # The old hash in the WHERE clause makes the link single-use even when two
@@ -259,6 +267,7 @@ async def change_password(
     caller that wants to keep the current login logs it in again with the new
     `auth_id` after the commit.
     """
+    await release_connection(session)
     if not await verify_password(user.password_hash, old_password):
         return False
 
@@ -280,6 +289,7 @@ async def request_email_change(
         DuplicateUser: `new_email` is registered already, to this account or
             another one (``field == "email"``).
     """
+    await release_connection(session)
     if not await verify_password(user.password_hash, password):
         raise IncorrectPassword("The password is incorrect.")
     new_email = normalize_email(new_email)

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import DeclarativeBase, Session
+from sqlalchemy.orm import DeclarativeBase, ORMExecuteState, Session
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,10 @@ class Base(DeclarativeBase):
 
 class AppSession(Session):
     """The app's sync session class, so its events concern only the app's sessions."""
+
+
+# Session.info key, true once the current transaction has written something.
+_WROTE = "db_wrote"
 
 
 def create_engine(url: str) -> AsyncEngine:
@@ -122,6 +126,25 @@ def get_engine() -> AsyncEngine:
     return engine
 
 
+async def release_connection(session: AsyncSession) -> None:
+    """End `session`'s transaction if it has written nothing, freeing its connection.
+
+    A session keeps its pooled connection from its first query until it commits,
+    rolls back or closes. Call this before a slow step that needs no database,
+    such as a password hash, so that requests queued for that step do not hold
+    every connection of the pool. Loaded objects stay usable, because the
+    sessions do not expire them on commit. A transaction that has written
+    something is left open for its owner to commit.
+    """
+    sync_session = session.sync_session
+    if sync_session.info.get(_WROTE) or (
+        sync_session.new or sync_session.dirty or sync_session.deleted
+    ):
+        return
+    if session.in_transaction():
+        await session.commit()
+
+
 def describe_error(error: BaseException) -> str:
     """Return the first line of `error`'s message, for a one-line log entry.
 
@@ -171,3 +194,20 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+@event.listens_for(AppSession, "after_flush")
+def _note_flush(session: Session, _flush_context: Any) -> None:
+    session.info[_WROTE] = True
+
+
+@event.listens_for(AppSession, "do_orm_execute")
+def _note_write(state: ORMExecuteState) -> None:
+    if state.is_insert or state.is_update or state.is_delete:
+        state.session.info[_WROTE] = True
+
+
+@event.listens_for(AppSession, "after_commit")
+@event.listens_for(AppSession, "after_rollback")
+def _forget_writes(session: Session) -> None:
+    session.info.pop(_WROTE, None)

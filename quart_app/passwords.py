@@ -26,22 +26,25 @@ class PasswordHashing:
             self.hasher = PasswordHasher.from_parameters(CHEAPEST)
         else:
             self.hasher = PasswordHasher()
+        self.workers = min(4, os.cpu_count() or 1)
         self._executor: ThreadPoolExecutor | None = None
         # A hash of a random password, checked when the account does not exist, so
         # a failed login takes as long whether or not the address is registered.
         self._dummy_hash: str | None = None
 
-    def _pool(self) -> ThreadPoolExecutor:
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """The thread pool that runs the hashes, started on first use."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(
-                max_workers=min(4, os.cpu_count() or 1),
+                max_workers=self.workers,
                 thread_name_prefix="password-hash",
             )
         return self._executor
 
     async def hash(self, password: str) -> str:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool(), self.hasher.hash, password)
+        return await loop.run_in_executor(self.executor, self.hasher.hash, password)
 
     async def verify(self, password_hash: str | None, password: str) -> bool:
         """Check `password` against `password_hash`; None checks a dummy hash."""
@@ -51,7 +54,7 @@ class PasswordHashing:
         target: str = password_hash or self._dummy_hash or ""
         try:
             matched = await loop.run_in_executor(
-                self._pool(), self.hasher.verify, target, password
+                self.executor, self.hasher.verify, target, password
             )
         except (VerificationError, InvalidHashError):
             return False

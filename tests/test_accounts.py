@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 from argon2 import PasswordHasher
 from quart import Quart
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from quart_app import accounts
 from quart_app.auth.tokens import Purpose, load_token
-from quart_app.db import get_session, session_scope
+from quart_app.db import get_session, release_connection, session_scope
 from quart_app.errors import DuplicateUser, IncorrectPassword, TokenError, TokenInvalid
 from quart_app.models import Role, User
 from tests.conftest import (
@@ -321,3 +322,28 @@ async def test_change_email_unique_index_race(
         "alice@example.com",
         "bob@example.com",
     ]
+
+
+async def test_release_connection_keeps_writes_open(app: Quart, relay: Relay) -> None:
+    async with _session(app) as session:
+        user = await _register(session)
+        await session.execute(
+            update(User).where(User.id == user.id).values(username="changed")
+        )
+        await release_connection(session)
+        still_open = session.in_transaction()
+        await session.rollback()
+    [stored] = await fetch_users(app)
+    assert still_open
+    assert stored.username == "alice"
+
+
+async def test_release_connection_ends_read(app: Quart, relay: Relay) -> None:
+    async with _session(app) as session:
+        user = await _register(session)
+        await session.get(User, user.id, populate_existing=True)
+        await release_connection(session)
+        ended = not session.in_transaction()
+        username = user.username
+    assert ended
+    assert username == "alice"

@@ -1,7 +1,11 @@
+import asyncio
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from quart import Quart
+from sqlalchemy import event
 
 from tests.conftest import (
     PASSWORD,
@@ -186,3 +190,61 @@ async def test_login_forged_cookie_ignored(app: Quart, relay: Relay) -> None:
         response = await client.get("/")
         assert response.status_code == 200
         assert "Hello, stranger!" in await page_text(response)
+
+
+async def test_login_waiting_for_hash_holds_no_connection(
+    database_url: str, relay: Relay, tmp_path: Path
+) -> None:
+    # More logins than the pool's 15 connections (5 plus 10 overflow). If each
+    # held its connection while it waited for a hashing thread, the pool would
+    # run dry and every other page would wait for it.
+    logins = 20
+    async with serving(make_app(database_url, relay.port, tmp_path)) as client:
+        assert (await register(client)).status_code == 302
+
+    # A second app without the delivery loop, so only the logins use its pool.
+    app = make_app(database_url, relay.port, tmp_path, OUTBOX_WORKER=False)
+    async with serving(app) as client:
+        forms = []
+        for _ in range(logins):
+            token = await csrf_token(client, "/auth/login")
+            forms.append(
+                {"csrf_token": token, "email": "alice@example.com", "password": "x"}
+            )
+
+        pool = app.extensions["db_engine"].sync_engine.pool
+        returned = 0
+        all_returned = asyncio.Event()
+
+        def count_checkin(*_args: Any) -> None:
+            nonlocal returned
+            returned += 1
+            if returned == logins:
+                all_returned.set()
+
+        event.listen(pool, "checkin", count_checkin)
+        hashing = app.extensions["password_hashing"]
+        gate = threading.Event()
+        loop = asyncio.get_running_loop()
+        # Occupy every hashing thread, so each login waits in the queue.
+        blockers = [
+            loop.run_in_executor(hashing.executor, gate.wait)
+            for _ in range(hashing.workers)
+        ]
+        requests = [
+            asyncio.create_task(client.post("/auth/login", form=form)) for form in forms
+        ]
+        try:
+            # Each login gives its connection back once it has read the user.
+            await asyncio.wait_for(all_returned.wait(), 10)
+            health = await asyncio.wait_for(client.get("/healthz"), 10)
+            waiting = sum(not request.done() for request in requests)
+        finally:
+            gate.set()
+            await asyncio.gather(*blockers)
+            responses = await asyncio.gather(*requests)
+            event.remove(pool, "checkin", count_checkin)
+
+    assert health.status_code == 200
+    assert waiting == logins
+    assert [response.status_code for response in responses] == [200] * logins
