@@ -190,6 +190,13 @@ class Settings(BaseSettings):
                 "MAIL_RETRY_MAX_DELAY is less than MAIL_RETRY_DELAY: raise it or "
                 "lower MAIL_RETRY_DELAY"
             )
+        if self.OUTBOX_LEASE < 4 * self.MAIL_TIMEOUT:
+            raise ValueError(
+                f"OUTBOX_LEASE ({self.OUTBOX_LEASE:g} s) is less than 4 times "
+                f"MAIL_TIMEOUT ({self.MAIL_TIMEOUT:g} s): a send must end within "
+                "half the lease and may need several SMTP steps, so raise "
+                "OUTBOX_LEASE or lower MAIL_TIMEOUT"
+            )
         if (self.MAIL_USERNAME is None) != (self.MAIL_PASSWORD is None):
             raise ValueError("set both MAIL_USERNAME and MAIL_PASSWORD, or neither")
         if self.APP_ENV == "production":

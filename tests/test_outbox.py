@@ -115,8 +115,27 @@ async def test_relay_down_then_up_delivered(database_url: str, tmp_path: Path) -
     port = free_port()
     app = make_app(database_url, port, tmp_path, **QUICK_RETRIES)
     relay = Relay(port=port)
+    failed: set[str] = set()
+    both_failed = asyncio.Event()
+
+    class _FirstFailures(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            text = record.getMessage()
+            if " attempt 1 to " in text and " failed, " in text:
+                failed.add(text.split()[1])
+                if len(failed) == 2:
+                    both_failed.set()
+
+    handler = _FirstFailures()
+    logging.getLogger("quart_app.outbox.delivery").addHandler(handler)
     async with serving(app) as client:
         assert (await register(client)).status_code == 302
+        # Both emails, the confirmation and the New User notice, must have met
+        # the closed port before the relay starts listening on it.
+        try:
+            await asyncio.wait_for(both_failed.wait(), 10)
+        finally:
+            logging.getLogger("quart_app.outbox.delivery").removeHandler(handler)
         rows = await fetch_outbox(app)
         assert {row.status for row in rows} <= {"pending", "sending"}
 
@@ -243,6 +262,65 @@ async def test_silent_relay_times_out_requests_unaffected(
     assert row.attempts >= 1
     assert row.last_error is not None
     assert "timed out" in row.last_error or row.attempts >= 2
+
+
+class _SlowStepRelay:
+    """A relay that replies to each RCPT and DATA after `delay` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.accepted = 0
+
+    async def handle_RCPT(  # noqa: N802 - the name aiosmtpd calls
+        self,
+        server: SMTP,
+        session: Any,
+        envelope: Any,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        await asyncio.sleep(self.delay)
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(  # noqa: N802 - the name aiosmtpd calls
+        self, server: SMTP, session: Any, envelope: Any
+    ) -> str:
+        await asyncio.sleep(self.delay)
+        self.accepted += 1
+        return "250 2.0.0 Queued"
+
+
+async def test_send_stopped_at_half_lease(database_url: str, tmp_path: Path) -> None:
+    # Each step gets its reply within MAIL_TIMEOUT (1 s), but five steps of 0.6 s take
+    # longer than half of OUTBOX_LEASE (2 s). Had the send gone on past the
+    # lease, another worker could have taken the row over and sent it again.
+    relay = _SlowStepRelay(delay=0.6)
+    server = await asyncio.get_running_loop().create_server(
+        lambda: SMTP(relay), host="127.0.0.1", port=0
+    )
+    port = server.sockets[0].getsockname()[1]
+    app = make_app(
+        database_url,
+        port,
+        tmp_path,
+        MAIL_TIMEOUT=1,
+        OUTBOX_LEASE=4,
+        OUTBOX_WORKER=False,
+    )
+    recipients = ", ".join(f"user{number}@example.com" for number in range(4))
+    try:
+        async with app.test_app():
+            await _enqueue_and_commit(app, _message(recipients, "Slow steps"))
+    finally:
+        server.close()
+        await server.wait_closed()
+    [row] = await fetch_outbox(app)
+    assert relay.accepted == 0
+    assert row.status == "pending"
+    assert row.attempts == 1
+    assert row.last_error is not None
+    assert "longer than 2 s, half of OUTBOX_LEASE" in row.last_error
 
 
 async def test_partly_refused_recipients_recorded(

@@ -350,7 +350,11 @@ async def test_killed_worker_rows_delivered_after_restart(
 ) -> None:
     # The new worker takes the rows over when the lease written by the killed
     # worker expires, so the short OUTBOX_LEASE must be the killed worker's.
-    env = app_environment(database_url, relay.port, tmp_path, OUTBOX_LEASE=2)
+    # The settings require MAIL_TIMEOUT to be at most a quarter of it, and the
+    # kill comes right after DATA starts, long before its reply times out.
+    env = app_environment(
+        database_url, relay.port, tmp_path, OUTBOX_LEASE=6, MAIL_TIMEOUT=1.5
+    )
     expected = await insert_pending(engine, 20)
     relay.hold = True
     doomed = await start_worker("killed worker", *send_pending_args(), env=env)

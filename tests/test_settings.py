@@ -173,6 +173,22 @@ def test_username_without_password_rejected(monkeypatch: pytest.MonkeyPatch) -> 
     assert "MAIL_USERNAME and MAIL_PASSWORD" in str(caught.value)
 
 
+def test_lease_shorter_than_sends_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAIL_TIMEOUT", "130")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "OUTBOX_LEASE (120 s)" in message
+    assert "MAIL_TIMEOUT (130 s)" in message
+    assert "\n" not in message
+
+
+def test_lease_four_timeouts_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAIL_TIMEOUT", "130")
+    monkeypatch.setenv("OUTBOX_LEASE", "520")
+    assert load_settings().OUTBOX_LEASE == 520
+
+
 @pytest.mark.parametrize(
     ("environment", "port"),
     [({}, 25), ({"MAIL_USE_TLS": "yes"}, 587), ({"MAIL_USE_SSL": "on"}, 465)],

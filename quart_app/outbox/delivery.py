@@ -100,6 +100,9 @@ class Outbox:
         self.retry_delay: float = config["MAIL_RETRY_DELAY"]
         self.retry_max_delay: float = config["MAIL_RETRY_MAX_DELAY"]
         self.lease = timedelta(seconds=config["OUTBOX_LEASE"])
+        # A send that outlived its lease could be taken over and sent a second
+        # time by another worker, so each send ends at half the lease.
+        self.send_time_limit: float = config["OUTBOX_LEASE"] / 2
         self.poll_interval: float = config["OUTBOX_POLL_INTERVAL"]
         self.pool: SMTPPool | None = None
 
@@ -218,13 +221,23 @@ class Outbox:
                 row = await claim(session)
             if row is None:
                 return None
+            deadline = asyncio.timeout(self.send_time_limit)
             try:
-                result = await connection.send(row.sender, row.recipients, row.message)
+                async with deadline:
+                    result = await connection.send(
+                        row.sender, row.recipients, row.message
+                    )
             # Any error is recorded on the row: one message that the client cannot
             # send at all, say with an address it cannot encode, must not stop the
             # delivery of the others.
             except Exception as error:
-                await self._record_failure(row, error)
+                failure: Exception = error
+                if deadline.expired():
+                    failure = TimeoutError(
+                        f"the send took longer than {self.send_time_limit:g} s, "
+                        "half of OUTBOX_LEASE"
+                    )
+                await self._record_failure(row, failure)
                 return True
         await self._record_sent(row, result)
         return True
