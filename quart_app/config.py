@@ -5,6 +5,8 @@ The names are the Flask-Mail ones, so an app moving from Flask keeps its environ
 variable and the fix.
 """
 
+import ipaddress
+import re
 import secrets
 from email.utils import parseaddr
 from pathlib import Path
@@ -28,6 +30,11 @@ from quart_app.errors import ConfigError
 
 _ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
 _TRUE = frozenset({"true", "1", "yes", "on"})
+# Upper bounds in seconds. Larger values are almost surely typing mistakes, and some
+# would overflow the date arithmetic of the outbox at run time.
+_HOUR = 3600
+_DAY = 24 * _HOUR
+_HOST_LABEL = re.compile(r"\A(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 _FALSE = frozenset({"false", "0", "no", "off"})
 
 
@@ -68,10 +75,10 @@ class Settings(BaseSettings):
 
     APP_BASE_URL: Annotated[str | None, BeforeValidator(_empty_as_none)] = None
     APP_ADMIN: Annotated[str | None, BeforeValidator(_empty_as_none)] = None
-    TOKEN_MAX_AGE: int = Field(3600, gt=0)
-    CONFIRMATION_RESEND_INTERVAL: int = Field(60, ge=0)
-    PASSWORD_RESET_INTERVAL: int = Field(60, ge=0)
-    EMAIL_CHANGE_INTERVAL: int = Field(60, ge=0)
+    TOKEN_MAX_AGE: int = Field(3600, gt=0, le=30 * _DAY)
+    CONFIRMATION_RESEND_INTERVAL: int = Field(60, ge=0, le=_DAY)
+    PASSWORD_RESET_INTERVAL: int = Field(60, ge=0, le=_DAY)
+    EMAIL_CHANGE_INTERVAL: int = Field(60, ge=0, le=_DAY)
 
     MAIL_SERVER: Annotated[str | None, BeforeValidator(_empty_as_none)] = None
     MAIL_PORT: Annotated[int | None, BeforeValidator(_empty_as_none)] = Field(
@@ -83,22 +90,26 @@ class Settings(BaseSettings):
     MAIL_PASSWORD: Annotated[SecretStr | None, BeforeValidator(_empty_as_none)] = None
     MAIL_DEFAULT_SENDER: Annotated[str | None, BeforeValidator(_empty_as_none)] = None
     MAIL_SUBJECT_PREFIX: str = "[Quart App]"
-    MAIL_TIMEOUT: float = Field(10.0, gt=0, allow_inf_nan=False)
+    MAIL_TIMEOUT: float = Field(10.0, gt=0, le=_HOUR, allow_inf_nan=False)
     MAIL_LOCAL_HOSTNAME: Annotated[str | None, BeforeValidator(_empty_as_none)] = None
     MAIL_CA_FILE: Annotated[Path | None, BeforeValidator(_empty_as_none)] = None
 
-    MAIL_MAX_CONNECTIONS: int = Field(4, ge=1)
-    MAIL_MAX_MESSAGES_PER_CONNECTION: int = Field(100, ge=1)
-    MAIL_MAX_ATTEMPTS: int = Field(8, ge=1)
-    MAIL_MAX_AGE: float = Field(2 * 24 * 3600, gt=0, allow_inf_nan=False)
-    MAIL_RETRY_DELAY: float = Field(30.0, gt=0, allow_inf_nan=False)
-    MAIL_RETRY_MAX_DELAY: float = Field(3600.0, gt=0, allow_inf_nan=False)
+    MAIL_MAX_CONNECTIONS: int = Field(4, ge=1, le=100)
+    MAIL_MAX_MESSAGES_PER_CONNECTION: int = Field(100, ge=1, le=100_000)
+    # With the default delays, MAIL_MAX_AGE ends the retries first, after about
+    # 70 attempts.
+    MAIL_MAX_ATTEMPTS: int = Field(100, ge=1, le=1000)
+    MAIL_MAX_AGE: float = Field(2 * _DAY, gt=0, le=30 * _DAY, allow_inf_nan=False)
+    MAIL_RETRY_DELAY: float = Field(30.0, gt=0, le=_DAY, allow_inf_nan=False)
+    MAIL_RETRY_MAX_DELAY: float = Field(_HOUR, gt=0, le=_DAY, allow_inf_nan=False)
 
     OUTBOX_WORKER: StrictBool = True
-    OUTBOX_POLL_INTERVAL: float = Field(5.0, gt=0, allow_inf_nan=False)
-    OUTBOX_LEASE: float = Field(120.0, gt=0, allow_inf_nan=False)
+    OUTBOX_POLL_INTERVAL: float = Field(5.0, gt=0, le=_HOUR, allow_inf_nan=False)
+    OUTBOX_LEASE: float = Field(120.0, gt=0, le=_DAY, allow_inf_nan=False)
 
-    BACKGROUND_TASK_SHUTDOWN_TIMEOUT: float = Field(5.0, gt=0, allow_inf_nan=False)
+    BACKGROUND_TASK_SHUTDOWN_TIMEOUT: float = Field(
+        5.0, gt=0, le=_HOUR, allow_inf_nan=False
+    )
 
     @field_validator("APP_BASE_URL")
     @classmethod
@@ -116,6 +127,11 @@ class Settings(BaseSettings):
             )
         if parts.username or parts.password:
             raise ValueError("remove the user name and password from the URL")
+        if not _valid_host(parts.hostname):
+            raise ValueError(
+                "the host must be a domain name of letters, digits, hyphens and "
+                "dots (the ASCII xn-- form for a non-ASCII name) or an IP address"
+            )
         try:
             _ = parts.port  # urlsplit checks the port only when it is read
         except ValueError:
@@ -278,6 +294,15 @@ def resolve_database_url(settings: Settings, instance_path: Path) -> str:
         return settings.DATABASE_URL
     instance_path.mkdir(parents=True, exist_ok=True)
     return f"sqlite+aiosqlite:///{instance_path / 'app.db'}"
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        labels = host.removesuffix(".").split(".")
+        return len(host) <= 253 and all(_HOST_LABEL.match(label) for label in labels)
+    return True
 
 
 def _check_address(address: str, *, example: str) -> None:

@@ -115,6 +115,17 @@ def test_production_accepts_complete_settings(monkeypatch: pytest.MonkeyPatch) -
         ("DATABASE_URL", "sqlite:///app.db"),
         ("DATABASE_URL", "mysql+aiomysql://root@127.0.0.1/test"),
         ("MAIL_MAX_CONNECTIONS", "0"),
+        ("APP_BASE_URL", "http://exa mple.com"),
+        ("APP_BASE_URL", "http://under_score.example"),
+        ("APP_BASE_URL", "http://-dash.example"),
+        ("APP_BASE_URL", "http://bücher.example"),
+        ("MAIL_MAX_AGE", "1e300"),
+        ("OUTBOX_LEASE", "1000000000000"),
+        ("CONFIRMATION_RESEND_INTERVAL", "1000000000000"),
+        ("TOKEN_MAX_AGE", "99999999999"),
+        ("MAIL_MAX_ATTEMPTS", "100000"),
+        ("MAIL_RETRY_DELAY", "1e20"),
+        ("BACKGROUND_TASK_SHUTDOWN_TIMEOUT", "1e9"),
     ],
 )
 def test_invalid_value_names_variable(
@@ -126,6 +137,21 @@ def test_invalid_value_names_variable(
     message = str(caught.value)
     assert message.startswith(f"Invalid setting {name}=")
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "http://127.0.0.1:8000",
+        "http://[::1]:8000",
+        "https://app.example.com",
+        "https://xn--bcher-kva.example",
+        "http://localhost.",
+    ],
+)
+def test_base_url_hosts_accepted(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("APP_BASE_URL", value)
+    assert load_settings().APP_BASE_URL == value
 
 
 @pytest.mark.parametrize("name", ["MAIL_USE_TLS", "MAIL_USE_SSL", "OUTBOX_WORKER"])

@@ -424,7 +424,9 @@ class Outbox:
     def _retry_delay(self, attempts: int) -> float:
         # Exponential backoff with jitter, so the retries of many messages that
         # failed together spread out instead of hitting the relay at once.
-        ceiling = min(self.retry_max_delay, self.retry_delay * 2 ** (attempts - 1))
+        # The exponent stops growing long before a float could overflow.
+        doubling = 2.0 ** min(attempts - 1, 64)
+        ceiling = min(self.retry_max_delay, self.retry_delay * doubling)
         return random.uniform(ceiling / 2, ceiling)
 
     async def _release_leases(self, session: AsyncSession) -> int:
