@@ -168,3 +168,38 @@ async def test_mailbox_shows_malformed_message(dev_app: Quart) -> None:
         detail = await client.get(path)
         assert detail.status_code == 200
         assert "caf" in await page_text(detail)
+
+
+async def test_mailbox_shows_raw_8bit_header(dev_app: Quart) -> None:
+    import aiosmtplib
+
+    # A Latin-1 byte in a header, with no encoded-word around it, as a broken
+    # mailer might send.
+    raw = b"From: x@example.com\r\nSubject: Caf\xe9 menu\r\n\r\nhello\r\n"
+    async with serving(dev_app) as client:
+        mailbox = dev_app.extensions["dev_mailbox"]
+        await aiosmtplib.send(
+            raw,
+            sender="x@example.com",
+            recipients=["y@example.com"],
+            hostname=mailbox.host,
+            port=mailbox.port,
+            local_hostname="localhost",
+            start_tls=False,
+        )
+        listing = await client.get("/dev/mailbox")
+        [path] = await _message_paths(client)
+        detail = await client.get(path)
+        page = await page_text(detail)
+    assert listing.status_code == 200
+    assert detail.status_code == 200
+    assert "Caf\ufffd menu" in page
+    assert "hello" in page
+
+
+async def test_mailbox_open_to_mapped_loopback(dev_app: Quart) -> None:
+    async with serving(dev_app) as client:
+        response = await client.get(
+            "/dev/mailbox", scope_base={"client": ("::ffff:127.0.0.1", 40000)}
+        )
+    assert response.status_code == 200

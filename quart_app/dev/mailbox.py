@@ -28,6 +28,16 @@ MAX_LISTED = 500
 _HEADER_BYTES = 64 * 1024
 
 
+def displayable(text: str) -> str:
+    """Return `text` with the raw bytes that the email parser kept decoded as UTF-8.
+
+    The parser keeps a byte it cannot decode, such as a bare Latin-1 byte in a
+    header, as a lone surrogate, which no page can encode. Those bytes are read
+    as UTF-8 here, and the invalid ones become U+FFFD.
+    """
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 @dataclass(frozen=True)
 class StoredMessage:
     id: str
@@ -36,11 +46,11 @@ class StoredMessage:
     def header(self, name: str) -> str:
         """Return the header's text, or its raw form if it does not parse."""
         try:
-            return str(self.message.get(name, ""))
+            return displayable(str(self.message.get(name, "")))
         except Exception:  # noqa: BLE001 - any sender may write any header
             for raw_name, raw_value in self.message.raw_items():
                 if raw_name.lower() == name.lower():
-                    return str(raw_value)
+                    return displayable(str(raw_value))
             return ""
 
 

@@ -6,7 +6,7 @@ from markupsafe import Markup, escape
 from quart import Blueprint, abort, current_app, render_template, request
 from quart.typing import ResponseReturnValue
 
-from quart_app.dev.mailbox import DevMailbox
+from quart_app.dev.mailbox import DevMailbox, displayable
 
 bp = Blueprint("dev", __name__, url_prefix="/dev")
 
@@ -21,9 +21,12 @@ async def _loopback_only() -> None:
     if address == "<local>":
         return
     try:
-        loopback = ipaddress.ip_address(address or "").is_loopback
+        ip = ipaddress.ip_address(address or "")
     except ValueError:
-        loopback = False
+        abort(404)
+    # An IPv6 socket reports an IPv4 client as ::ffff:a.b.c.d.
+    mapped = getattr(ip, "ipv4_mapped", None)
+    loopback = ip.is_loopback or (mapped is not None and mapped.is_loopback)
     if not loopback:
         abort(404)
 
@@ -50,7 +53,10 @@ async def mailbox_message(message_id: str) -> ResponseReturnValue:
         "dev/message.html",
         stored=stored,
         # The raw values, because a header that does not parse must still show.
-        headers=list(message.raw_items()),
+        headers=[
+            (displayable(name), displayable(str(value)))
+            for name, value in message.raw_items()
+        ],
         text=_link_urls(text) if text is not None else None,
         html=_frame_document(html) if html is not None else None,
     )
@@ -74,8 +80,8 @@ def _part_text(message: EmailMessage, subtype: str) -> str | None:
         payload = part.get_payload(decode=True)
         if isinstance(payload, bytes):
             return payload.decode("utf-8", errors="replace")
-        return str(part.get_payload())
-    return content
+        return displayable(str(part.get_payload()))
+    return displayable(content)
 
 
 def _mailbox() -> DevMailbox:
