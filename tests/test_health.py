@@ -83,13 +83,16 @@ async def test_healthz_missing_schema_one_line(
     )
     async with serving(app) as client:
         response = await client.get("/healthz")
+        body = await response.get_json()
     assert response.status_code == 503
+    assert body == {"status": "error", "database": "ok", "outbox": "unavailable"}
     failures = [
         record.getMessage()
         for record in caplog.records
         if record.getMessage().startswith("Health check failed")
     ]
     assert len(failures) == 1
+    assert "run `alembic upgrade head`" in failures[0]
     assert "no such table" in failures[0]
     # SQLAlchemy puts the statement on further lines, but the log keeps one line.
     assert "\n" not in failures[0]

@@ -19,14 +19,25 @@ async def index() -> ResponseReturnValue:
 
 @bp.get("/healthz")
 async def healthz() -> ResponseReturnValue:
+    session = get_session()
     try:
-        session = get_session()
         await session.execute(text("SELECT 1"))
-        stats = await outbox_stats(session)
     except (SQLAlchemyError, OSError) as error:
         logger.error(
             "Health check failed: the database did not respond: %s",
             describe_error(error),
         )
         return {"status": "error", "database": "unavailable"}, 503
+
+    try:
+        stats = await outbox_stats(session)
+    except SQLAlchemyError as error:
+        # The database responds, so the likely cause is a schema that
+        # `alembic upgrade head` has not created or updated.
+        logger.error(
+            "Health check failed: the outbox table could not be read (run "
+            "`alembic upgrade head` if the schema is missing or old): %s",
+            describe_error(error),
+        )
+        return {"status": "error", "database": "ok", "outbox": "unavailable"}, 503
     return {"status": "ok", "database": "ok", "outbox": stats}
