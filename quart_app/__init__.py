@@ -2,7 +2,7 @@
 
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import SecretStr
 from quart import Quart, g, redirect, render_template, request, url_for
@@ -156,6 +156,9 @@ def _register_security_headers(app: Quart) -> None:
     @app.after_request
     async def _add_headers(response: Any) -> Any:
         headers = response.headers
+        location = headers.get("Location")
+        if location:
+            headers["Location"] = _relative_to_this_host(location)
         headers.setdefault("X-Content-Type-Options", "nosniff")
         # Confirmation links carry a token in the path: never send it onwards.
         headers.setdefault("Referrer-Policy", "no-referrer")
@@ -166,3 +169,13 @@ def _register_security_headers(app: Quart) -> None:
             "'unsafe-inline'; frame-ancestors 'none'; form-action 'self'",
         )
         return response
+
+
+def _relative_to_this_host(location: str) -> str:
+    # Routing redirects, such as the one that merges "//" in a path, are built
+    # with the request's Host header, which a client can forge. A redirect to
+    # this host needs no host at all.
+    parts = urlsplit(location)
+    if not parts.netloc or parts.netloc != request.host:
+        return location
+    return urlunsplit(("", "", parts.path or "/", parts.query, parts.fragment))

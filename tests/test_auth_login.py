@@ -89,6 +89,9 @@ async def test_login_missing_csrf(app: Quart, relay: Relay) -> None:
         ("/\\evil.example", "/"),
         ("javascript:alert(1)", "/"),
         ("", "/"),
+        ("/\x7f/evil.example/x", "/"),
+        ("/\t/evil.example/x", "/"),
+        ("/\u2028/evil.example", "/"),
     ],
 )
 async def test_login_next_only_local(

@@ -96,3 +96,9 @@ async def test_healthz_missing_schema_one_line(
     assert "no such table" in failures[0]
     # SQLAlchemy puts the statement on further lines, but the log keeps one line.
     assert "\n" not in failures[0]
+
+
+async def test_slash_redirect_keeps_host_out(client: QuartClient) -> None:
+    response = await client.get("/auth//register", headers={"Host": "evil.example"})
+    assert response.status_code == 308
+    assert response.headers["Location"] == "/auth/register"

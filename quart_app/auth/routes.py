@@ -369,7 +369,9 @@ def _local_path(target: str | None) -> str | None:
     """Return `target` if it is a path on this site, else None."""
     if not target or not target.startswith("/") or target.startswith("//"):
         return None
-    if "\\" in target or any(ord(char) < 32 for char in target):
+    # Some clients skip control and other unprintable characters in a Location,
+    # reading "/\x7f/host" as "//host", which is another site.
+    if "\\" in target or not target.isprintable():
         return None
     parts = urlsplit(target)
     if parts.scheme or parts.netloc:
