@@ -107,7 +107,12 @@ class User(Base):
 
     @property
     def is_administrator(self) -> bool:
-        return self.role == Role.ADMINISTRATOR.value
+        """Whether the user has the Administrator role and a confirmed address.
+
+        APP_ADMIN gets the role at signup, before anyone has shown control of
+        the address, so someone else who signs up with it first gains nothing.
+        """
+        return self.role == Role.ADMINISTRATOR.value and self.confirmed
 
     @property
     def auth_id(self) -> str:

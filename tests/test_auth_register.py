@@ -98,6 +98,10 @@ async def test_register_admin_gets_role(app: Quart, relay: Relay) -> None:
     user = await _user(app, ADMIN_EMAIL)
     assert user is not None
     assert user.role == Role.ADMINISTRATOR.value
+    # The role counts only once the address is confirmed.
+    assert not user.is_administrator
+    user.confirmed = True
+    assert user.is_administrator
 
 
 @pytest.mark.parametrize(

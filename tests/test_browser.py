@@ -117,7 +117,7 @@ async def _sign_up(page: Page, base_url: str, *, email: str, username: str) -> N
         page.get_by_text("You have not confirmed your account yet.")
     ).to_be_visible()
     await expect(
-        page.get_by_text("A confirmation email has been sent to your address.")
+        page.get_by_text("A confirmation email is on its way to your address.")
     ).to_be_visible()
 
 

@@ -90,7 +90,7 @@ async def register() -> ResponseReturnValue:
         return await _render_form("auth/register.html", form)
 
     login_user(AuthUser(user.auth_id))
-    await flash("A confirmation email has been sent to your address.", "info")
+    await flash("A confirmation email is on its way to your address.", "info")
     return redirect(url_for("auth.unconfirmed"))
 
 
@@ -146,7 +146,11 @@ async def resend_confirmation() -> ResponseReturnValue:
 
     form = await EmptyForm.from_request()
     if not form.validate():
-        await flash("The form expired. Please press the button again.", "error")
+        await flash(
+            "The form was missing its security token or it had expired. "
+            "Please press the button again.",
+            "error",
+        )
         return await render_template("auth/unconfirmed.html", form=form), 400
 
     session = get_session()
@@ -160,7 +164,7 @@ async def resend_confirmation() -> ResponseReturnValue:
         return redirect(url_for("auth.unconfirmed"))
 
     await session.commit()
-    await flash("A new confirmation email has been sent to your address.", "info")
+    await flash("A new confirmation email is on its way to your address.", "info")
     return redirect(url_for("auth.unconfirmed"))
 
 
