@@ -596,3 +596,13 @@ async def test_unsendable_row_fails_others_delivered(
     assert (poison.last_error or "").startswith("cannot be sent: UnicodeEncodeError")
     assert good.status == "sent"
     assert len(relay.messages) == 1
+
+
+async def test_sent_log_has_reply_code(
+    app: Quart, relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with app.test_app():
+        await _enqueue_and_commit(app, _message("bob@example.com", "Logged"))
+    sent = [r.getMessage() for r in caplog.records if " sent to " in r.getMessage()]
+    assert len(sent) == 1
+    assert sent[0].endswith(": 250 2.0.0 Queued")

@@ -90,7 +90,8 @@ class _Connection:
         self.sent += 1
         self.broken = False
         return SendResult(
-            reply=reply,
+            # aiosmtplib raises SMTPDataError for any other reply code to DATA.
+            reply=f"250 {reply}",
             refused={
                 address: f"{response.code} {response.message}"
                 for address, response in refused.items()
