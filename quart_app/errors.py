@@ -35,3 +35,23 @@ class DuplicateUser(AppError):
     def __init__(self, field: str) -> None:
         super().__init__(f"That {field} is already registered.")
         self.field = field
+
+
+class OutboxMessageNotFound(AppError):
+    """No outbox row has the given id."""
+
+    def __init__(self, message_id: int) -> None:
+        super().__init__(f"Outbox message {message_id} does not exist.")
+        self.message_id = message_id
+
+
+class OutboxMessageNotFailed(AppError):
+    """The outbox row is not failed, so there is nothing to retry."""
+
+    def __init__(self, message_id: int, status: str) -> None:
+        super().__init__(
+            f"Outbox message {message_id} is {status}, not failed: only a failed "
+            "message can be retried."
+        )
+        self.message_id = message_id
+        self.status = status
