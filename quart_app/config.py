@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     APP_BASE_URL: Annotated[str | None, BeforeValidator(_empty_as_none)] = None
     APP_ADMIN: Annotated[str | None, BeforeValidator(_empty_as_none)] = None
     TOKEN_MAX_AGE: int = Field(3600, gt=0)
+    API_TOKEN_MAX_AGE: int = Field(3600, gt=0)
     CONFIRMATION_RESEND_INTERVAL: int = Field(60, ge=0)
 
     MAIL_SERVER: Annotated[str | None, BeforeValidator(_empty_as_none)] = None
