@@ -1,9 +1,17 @@
-"""The OpenAPI description at /openapi.json."""
+"""The OpenAPI description at /openapi.json and Swagger UI at /docs."""
 
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import pytest
 from openapi_spec_validator import validate
+from playwright.async_api import ConsoleMessage, Page, async_playwright, expect
 from quart.testing import QuartClient
+
+from tests.live import live_server, migrated_instance
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 
 API_PATHS = {
     "/api/outbox",
@@ -70,3 +78,72 @@ async def test_openapi_documents_errors(client: QuartClient) -> None:
     assert {"202", "401", "403", "404", "409"} <= set(retry["responses"])
     error = retry["responses"]["409"]["content"]["application/json"]["schema"]
     assert set(error["required"]) == {"error", "detail"}
+
+
+async def test_docs_page_served(client: QuartClient) -> None:
+    response = await client.get("/docs")
+    page = await response.get_data(as_text=True)
+
+    assert response.status_code == 200
+    assert 'id="swagger-ui"' in page
+    assert 'data-spec-url="/openapi.json"' in page
+    assert '<script src="/docs/assets/swagger-ui-bundle.js"></script>' in page
+
+
+@pytest.mark.parametrize(
+    ("path", "mimetype"),
+    [
+        ("/docs/assets/swagger-ui-bundle.js", "text/javascript"),
+        ("/docs/assets/swagger-ui.css", "text/css"),
+        ("/static/docs.js", "text/javascript"),
+    ],
+)
+async def test_docs_assets_served(
+    client: QuartClient, path: str, mimetype: str
+) -> None:
+    response = await client.get(path)
+
+    assert response.status_code == 200
+    assert response.mimetype == mimetype
+
+
+@pytest.fixture(name="browser_page")
+async def _browser_page() -> AsyncIterator[Page]:
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"Chromium not found at {CHROMIUM}, and CI is set")
+        pytest.skip(f"Chromium not found at {CHROMIUM}")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield await browser.new_page()
+        finally:
+            await browser.close()
+
+
+@pytest.mark.browser
+async def test_docs_render_in_browser(browser_page: Page, tmp_path: Path) -> None:
+    problems: list[str] = []
+
+    def record_console(message: ConsoleMessage) -> None:
+        # A script blocked by the Content-Security-Policy is reported here.
+        if message.type == "error":
+            problems.append(message.text)
+
+    browser_page.on("console", record_console)
+    browser_page.on("pageerror", lambda error: problems.append(str(error)))
+
+    async with live_server(migrated_instance(tmp_path)) as server:
+        await browser_page.goto(f"{server.base_url}/docs")
+        title = browser_page.get_by_role("heading", name="Quart App API")
+        await expect(title).to_be_visible()
+        retry_path = browser_page.get_by_text(
+            "/api/outbox/{message_id}/retry", exact=True
+        )
+        await expect(retry_path).to_be_visible()
+        authorize = browser_page.get_by_role("button", name="Authorize")
+        await expect(authorize).to_be_visible()
+
+    assert problems == []

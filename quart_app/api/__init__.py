@@ -1,4 +1,4 @@
-"""The JSON API under /api, and its OpenAPI description at /openapi.json."""
+"""The JSON API under /api, and its OpenAPI docs at /openapi.json and /docs."""
 
 from quart_app.api.docs import bp as docs_bp, init_app
 from quart_app.api.errors import error_response, is_api_request, server_error_response

@@ -1,13 +1,17 @@
-"""The OpenAPI description of the JSON API.
+"""The OpenAPI description of the JSON API, and Swagger UI to read it.
 
 /openapi.json is built by Quart-Schema from the routes under /api (and
-/healthz).
+/healthz). /docs shows it in Swagger UI, whose files come from the
+swagger-ui-py package and are served by this app, so the docs work offline and
+under the app's Content-Security-Policy, which allows scripts from this origin
+only.
 """
 
 from collections.abc import Iterable
+from importlib.resources import files
 from typing import cast
 
-from quart import Blueprint, Quart, current_app
+from quart import Blueprint, Quart, current_app, render_template
 from quart.typing import ResponseReturnValue
 from quart_schema import (
     Info,
@@ -21,7 +25,14 @@ from werkzeug.routing import Rule
 from quart_app.api.auth import BASIC_SCHEME, BEARER_SCHEME
 from quart_app.api.errors import API_PREFIX
 
-bp = Blueprint("docs", __name__)
+SWAGGER_UI_FOLDER = str(files("swagger_ui") / "static")
+
+bp = Blueprint(
+    "docs",
+    __name__,
+    static_folder=SWAGGER_UI_FOLDER,
+    static_url_path="/docs/assets",
+)
 
 TAGS: list[Tag | dict[str, str]] = [
     Tag(name="users", description="Sign up, confirm the address, read the account."),
@@ -76,3 +87,8 @@ def init_app(app: Quart) -> None:
 async def openapi() -> ResponseReturnValue:
     extension: QuartSchema = current_app.extensions["QUART_SCHEMA"]
     return extension.openapi_provider.schema()
+
+
+@bp.get("/docs")
+async def docs() -> ResponseReturnValue:
+    return await render_template("api/docs.html")
