@@ -27,12 +27,8 @@ from wtforms.validators import (
     ValidationError,
 )
 
+from quart_app.accounts import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH
 from quart_app.models import EMAIL_MAX_LENGTH, USERNAME_MAX_LENGTH
-
-PASSWORD_MIN_LENGTH = 8
-# argon2 accepts any length, but hashing megabytes per request would be a cheap way
-# to tie up the server.
-PASSWORD_MAX_LENGTH = 128
 
 
 class AppForm(Form):

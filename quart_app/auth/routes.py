@@ -1,5 +1,4 @@
 from datetime import timedelta
-from typing import Any, cast
 from urllib.parse import urlsplit
 
 from quart import (
@@ -14,26 +13,18 @@ from quart import (
 )
 from quart.typing import ResponseReturnValue
 from quart_auth import AuthUser, current_user, login_user, logout_user
-from sqlalchemy import or_, update
-from sqlalchemy.engine import CursorResult
-from sqlalchemy.exc import IntegrityError
 
-from quart_app.auth.forms import EmptyForm, LoginForm, RegistrationForm, add_error
-from quart_app.auth.mail import send_confirmation, send_new_user_notice
-from quart_app.auth.tokens import Purpose, load_token
-from quart_app.db import get_session
-from quart_app.errors import TokenError, TokenExpired
-from quart_app.models import (
-    User,
-    create_user,
-    email_taken,
-    find_user_by_auth_id,
-    find_user_by_email,
-    normalize_email,
-    username_taken,
-    utcnow,
+from quart_app import accounts
+from quart_app.auth.forms import (
+    AppForm,
+    EmptyForm,
+    LoginForm,
+    RegistrationForm,
+    add_error,
 )
-from quart_app.passwords import hash_password, needs_rehash, verify_password
+from quart_app.db import get_session
+from quart_app.errors import DuplicateUser, TokenError, TokenExpired
+from quart_app.models import User, find_user_by_auth_id, utcnow
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
 
@@ -83,7 +74,7 @@ async def register() -> ResponseReturnValue:
     if not form.validate_on_submit():
         return await _render_form("auth/register.html", form)
 
-    user = await _create_account(form)
+    user = await _register(form)
     if user is None:
         return await _render_form("auth/register.html", form)
 
@@ -99,18 +90,17 @@ async def login() -> ResponseReturnValue:
         return await _render_form("auth/login.html", form)
 
     session = get_session()
-    user = await find_user_by_email(session=session, email=form.email.data or "")
-    password = form.password.data or ""
-    # The password is checked even with no such user, against a dummy hash, so
-    # the response time does not reveal which addresses are registered.
-    matched = await verify_password(user.password_hash if user else None, password)
-    if user is None or not matched:
+    user = await accounts.authenticate(
+        session=session,
+        email=form.email.data or "",
+        password=form.password.data or "",
+    )
+    if user is None:
         await flash("Invalid email or password.", "error")
         return await _render_form("auth/login.html", form)
 
-    if needs_rehash(user.password_hash):
-        user.password_hash = await hash_password(password)
-        await session.commit()
+    # Saves the new hash when `authenticate` rehashed the password.
+    await session.commit()
     login_user(AuthUser(user.auth_id), remember=bool(form.remember_me.data))
     return redirect(_local_path(request.args.get("next")) or url_for("main.index"))
 
@@ -124,25 +114,13 @@ async def logout() -> ResponseReturnValue:
 
 @bp.get("/confirm/<token>")
 async def confirm(token: str) -> ResponseReturnValue:
+    session = get_session()
     try:
-        payload = load_token(Purpose.CONFIRM, token)
+        user, already = await accounts.confirm_account(session=session, token=token)
     except TokenError as error:
         return await _render_token_error(error)
 
-    user_id = payload.get("confirm")
-    if type(user_id) is not int or not 0 < user_id < 2**31:
-        return await _render_token_error(None)
-    session = get_session()
-    user = await session.get(User, user_id)
-    # The address is part of the token, so a link sent to an old address
-    # cannot confirm an account whose address has changed since.
-    if user is None or user.email != payload.get("email"):
-        return await _render_token_error(None)
-
-    already = user.confirmed
-    if not already:
-        user.confirmed = True
-        await session.commit()
+    await session.commit()
     return await render_template("auth/confirmed.html", user=user, already=already)
 
 
@@ -160,25 +138,9 @@ async def resend_confirmation() -> ResponseReturnValue:
         await flash("The form expired. Please press the button again.", "error")
         return await render_template("auth/unconfirmed.html", form=form), 400
 
-    interval = current_app.config["CONFIRMATION_RESEND_INTERVAL"]
     session = get_session()
-    now = utcnow()
-    # One conditional UPDATE both checks and moves the time of the last email, so
-    # of several requests sent at once only one passes.
-    claimed = await session.execute(
-        update(User)
-        .where(
-            User.id == account.id,
-            or_(
-                User.confirmation_sent_at.is_(None),
-                User.confirmation_sent_at <= now - timedelta(seconds=interval),
-            ),
-        )
-        .values(confirmation_sent_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    if cast(CursorResult[Any], claimed).rowcount != 1:
-        await session.rollback()
+    if not await accounts.resend_confirmation(session=session, user=account):
+        interval = current_app.config["CONFIRMATION_RESEND_INTERVAL"]
         await flash(
             "A confirmation email was sent less than "
             f"{interval} seconds ago. Check your inbox, or try again shortly.",
@@ -186,7 +148,6 @@ async def resend_confirmation() -> ResponseReturnValue:
         )
         return redirect(url_for("auth.unconfirmed"))
 
-    await send_confirmation(account)
     await session.commit()
     await flash("A new confirmation email has been sent to your address.", "info")
     return redirect(url_for("auth.unconfirmed"))
@@ -202,43 +163,28 @@ async def unconfirmed() -> ResponseReturnValue:
     return await render_template("auth/unconfirmed.html", form=EmptyForm())
 
 
-async def _create_account(form: RegistrationForm) -> User | None:
-    """Add the user and its emails in one transaction; None with form errors set."""
+async def _register(form: RegistrationForm) -> User | None:
+    """Register the user and commit, or return None with the form's errors set."""
     session = get_session()
-    email = normalize_email(form.email.data or "")
-    username = form.username.data or ""
-    if await email_taken(session=session, email=email):
-        add_error(form.email, "That email address is already registered.")
-        return None
-    if await username_taken(session=session, username=username):
-        add_error(form.username, "That username is already taken.")
+    try:
+        user = await accounts.register_user(
+            session=session,
+            email=form.email.data or "",
+            username=form.username.data or "",
+            password=form.password.data or "",
+        )
+    except DuplicateUser as error:
+        if error.field == "username":
+            add_error(form.username, "That username is already taken.")
+        else:
+            add_error(form.email, "That email address is already registered.")
         return None
 
-    try:
-        user = await create_user(
-            session=session,
-            email=email,
-            username=username,
-            password_hash=await hash_password(form.password.data or ""),
-            admin_email=current_app.config["APP_ADMIN"],
-        )
-        # The emails are written to the outbox in the same transaction as the
-        # user, so a signup that fails to commit sends nothing and one that
-        # commits always has its emails.
-        await send_confirmation(user)
-        await send_new_user_notice(user)
-        await session.commit()
-    except IntegrityError:
-        # Another request registered the same address or name after our check.
-        await session.rollback()
-        add_error(form.email, "That email address or username is already taken.")
-        return None
+    await session.commit()
     return user
 
 
-async def _render_form(
-    template: str, form: RegistrationForm | LoginForm
-) -> ResponseReturnValue:
+async def _render_form(template: str, form: AppForm) -> ResponseReturnValue:
     status = 200
     if form.csrf_failed:
         status = 400
@@ -250,7 +196,7 @@ async def _render_form(
     return await render_template(template, form=form), status
 
 
-async def _render_token_error(error: TokenError | None) -> ResponseReturnValue:
+async def _render_token_error(error: TokenError) -> ResponseReturnValue:
     expired = isinstance(error, TokenExpired)
     return (
         await render_template("auth/token_error.html", expired=expired),

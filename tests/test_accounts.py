@@ -1,0 +1,190 @@
+"""The account operations called directly, as the JSON API calls them."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from argon2 import PasswordHasher
+from quart import Quart
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from quart_app import accounts
+from quart_app.db import get_session
+from quart_app.errors import DuplicateUser, TokenInvalid
+from quart_app.models import Role, User
+from tests.conftest import (
+    ADMIN_EMAIL,
+    PASSWORD,
+    Relay,
+    confirm_link,
+    fetch_outbox,
+    fetch_users,
+    make_app,
+)
+
+
+@asynccontextmanager
+async def _session(app: Quart) -> AsyncIterator[AsyncSession]:
+    """Serve `app` and yield a session in a request context, as a view gets."""
+    async with app.test_app(), app.test_request_context("/"):
+        yield get_session()
+
+
+async def _register(
+    session: AsyncSession, *, email: str = "alice@example.com", username: str = "alice"
+) -> User:
+    user = await accounts.register_user(
+        session=session, email=email, username=username, password=PASSWORD
+    )
+    await session.commit()
+    return user
+
+
+async def test_register_user_queues_both_emails(app: Quart, relay: Relay) -> None:
+    async with _session(app) as session:
+        user = await _register(session, email=" Admin@Example.COM ")
+    subjects = sorted(message["Subject"] for message in relay.messages)
+    assert subjects == ["[Quart App] Confirm Your Account", "[Quart App] New User"]
+    assert user.email == ADMIN_EMAIL
+    assert user.role == Role.ADMINISTRATOR.value
+    assert not user.confirmed
+
+
+async def test_register_user_uncommitted_sends_nothing(
+    app: Quart, relay: Relay
+) -> None:
+    async with _session(app) as session:
+        await accounts.register_user(
+            session=session,
+            email="alice@example.com",
+            username="alice",
+            password=PASSWORD,
+        )
+        await session.rollback()
+    assert await fetch_users(app) == []
+    assert await fetch_outbox(app) == []
+    assert relay.messages == []
+
+
+@pytest.mark.parametrize(
+    ("email", "username", "field"),
+    [
+        ("ALICE@example.com", "alice2", "email"),
+        ("bob@example.com", "ALICE", "username"),
+    ],
+)
+async def test_register_user_duplicate_any_case(
+    app: Quart, relay: Relay, email: str, username: str, field: str
+) -> None:
+    async with _session(app) as session:
+        await _register(session)
+        with pytest.raises(DuplicateUser) as raised:
+            await _register(session, email=email, username=username)
+    assert raised.value.field == field
+    assert len(await fetch_users(app)) == 1
+
+
+async def test_register_user_race_on_username(
+    app: Quart, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first check misses the existing user, as it would if that user had
+    # committed just after the check, so the unique index must catch it.
+    username_taken = accounts.username_taken
+    checks: list[object] = []
+
+    async def _missed_once(**arguments: Any) -> bool:
+        checks.append(arguments)
+        return len(checks) > 1 and await username_taken(**arguments)
+
+    async with _session(app) as session:
+        await _register(session)
+        monkeypatch.setattr(accounts, "username_taken", _missed_once)
+        with pytest.raises(DuplicateUser) as raised:
+            await _register(session, email="bob@example.com")
+        # The session was rolled back, so it is usable again.
+        assert await _register(session, email="bob@example.com", username="bob")
+    assert raised.value.field == "username"
+    assert [user.username for user in await fetch_users(app)] == ["alice", "bob"]
+
+
+async def test_authenticate_checks_password(app: Quart, relay: Relay) -> None:
+    async with _session(app) as session:
+        user = await _register(session)
+        found = await accounts.authenticate(
+            session=session, email="Alice@Example.com", password=PASSWORD
+        )
+        wrong = await accounts.authenticate(
+            session=session, email="alice@example.com", password="wrong password"
+        )
+        unknown = await accounts.authenticate(
+            session=session, email="nobody@example.com", password=PASSWORD
+        )
+    assert found is user
+    assert wrong is None
+    assert unknown is None
+
+
+async def test_authenticate_rehashes_old_parameters(app: Quart, relay: Relay) -> None:
+    old_hash = PasswordHasher(time_cost=2, memory_cost=16, parallelism=1).hash(PASSWORD)
+    async with _session(app) as session:
+        user = await _register(session)
+        user.password_hash = old_hash
+        await session.commit()
+        found = await accounts.authenticate(
+            session=session, email="alice@example.com", password=PASSWORD
+        )
+        await session.commit()
+    [stored] = await fetch_users(app)
+    assert found is user
+    assert stored.password_hash != old_hash
+    assert "$m=8,t=1,p=1$" in stored.password_hash
+
+
+async def test_confirm_account_reports_already_confirmed(
+    app: Quart, relay: Relay
+) -> None:
+    async with _session(app) as session:
+        await _register(session)
+        message = await relay.next_message()
+        while "Confirm Your Account" not in message["Subject"]:
+            message = await relay.next_message()
+        token = confirm_link(message).rsplit("/", 1)[1]
+        user, first_already = await accounts.confirm_account(
+            session=session, token=token
+        )
+        await session.commit()
+        _, second_already = await accounts.confirm_account(session=session, token=token)
+    assert user.confirmed
+    assert not first_already
+    assert second_already
+
+
+async def test_confirm_account_bad_token(app: Quart, relay: Relay) -> None:
+    async with _session(app) as session:
+        with pytest.raises(TokenInvalid):
+            await accounts.confirm_account(session=session, token="garbage")
+
+
+async def test_resend_confirmation_interval(
+    database_url: str, relay: Relay, tmp_path: Path
+) -> None:
+    app = make_app(database_url, relay.port, tmp_path, CONFIRMATION_RESEND_INTERVAL=60)
+    async with _session(app) as session:
+        user = await _register(session)
+        # Signup counts as the first email, so a resend right after is too soon.
+        too_soon = await accounts.resend_confirmation(session=session, user=user)
+    assert too_soon is False
+    subjects = [message["Subject"] for message in relay.messages]
+    assert subjects.count("[Quart App] Confirm Your Account") == 1
+
+
+async def test_resend_confirmation_queues_email(app: Quart, relay: Relay) -> None:
+    async with _session(app) as session:
+        user = await _register(session)
+        sent = await accounts.resend_confirmation(session=session, user=user)
+        await session.commit()
+    assert sent is True
+    subjects = [message["Subject"] for message in relay.messages]
+    assert subjects.count("[Quart App] Confirm Your Account") == 2
