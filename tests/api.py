@@ -96,3 +96,21 @@ async def queue_emails(
     await asyncio.gather(*(app.background_tasks - running))
     relay.reply = None
     return [row.id for row in rows]
+
+
+async def api_signup(
+    client: QuartClient,
+    *,
+    email: str = "alice@example.com",
+    username: str = "alice",
+    password: str = PASSWORD,
+) -> Any:
+    return await client.post(
+        "/api/users",
+        json={"email": email, "username": username, "password": password},
+    )
+
+
+def link_token(message: EmailMessage) -> str:
+    """Return the token at the end of the confirmation link in `message`."""
+    return urlsplit(confirm_link(message)).path.rsplit("/", 1)[1]

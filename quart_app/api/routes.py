@@ -1,6 +1,8 @@
 """The routes of the JSON API under /api."""
 
-from quart import Blueprint, url_for
+import math
+
+from quart import Blueprint, current_app, url_for
 from quart.typing import ResponseReturnValue
 from quart_schema import (
     RequestSchemaValidationError,
@@ -12,6 +14,12 @@ from quart_schema import (
 )
 from sqlalchemy import select
 
+# quart_app.accounts imports quart_app.auth.mail, and loading the auth package
+# imports its routes, which import accounts back. Loading the auth package first
+# lets that cycle resolve.
+import quart_app.auth  # noqa: F401
+from quart_app import accounts
+from quart_app.accounts import PASSWORD_MAX_LENGTH
 from quart_app.api.auth import (
     BASIC_SCHEME,
     api_user,
@@ -22,21 +30,29 @@ from quart_app.api.auth import (
 from quart_app.api.errors import ApiError, validation_error_response
 from quart_app.api.schemas import (
     MAX_ID,
+    AcceptedResponse,
     ApiResponse,
+    ConfirmationRequest,
     ErrorResponse,
     OutboxMessageResponse,
     OutboxPage,
     OutboxQuery,
+    SignupRequest,
     TokenResponse,
     UserResponse,
 )
 from quart_app.api.tokens import issue_token
-from quart_app.auth.forms import PASSWORD_MAX_LENGTH
+from quart_app.api.validation import validate_json
 from quart_app.db import get_session
-from quart_app.errors import OutboxMessageNotFailed, OutboxMessageNotFound
-from quart_app.models import EMAIL_MAX_LENGTH, OutboxMessage, find_user_by_email
+from quart_app.errors import (
+    DuplicateUser,
+    OutboxMessageNotFailed,
+    OutboxMessageNotFound,
+    TokenExpired,
+    TokenInvalid,
+)
+from quart_app.models import EMAIL_MAX_LENGTH, OutboxMessage, User, utcnow
 from quart_app.outbox import retry_message
-from quart_app.passwords import verify_password
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -63,22 +79,53 @@ async def create_token() -> ApiResponse:
     confirmation email.
     """
     email, password = basic_credentials()
+    session = get_session()
     user = None
     # Over-long values cannot match, so they are not hashed at all.
     if len(email) <= EMAIL_MAX_LENGTH and len(password) <= PASSWORD_MAX_LENGTH:
-        user = await find_user_by_email(session=get_session(), email=email)
-        # The password is checked even with no such user, against a dummy hash,
-        # so the response time does not reveal which addresses are registered.
-        matched = await verify_password(user.password_hash if user else None, password)
-        user = user if matched else None
+        user = await accounts.authenticate(
+            session=session, email=email, password=password
+        )
     if user is None:
         raise basic_challenge(
             "invalid_credentials", "Invalid email address or password."
         )
 
+    # Saves the new hash when `authenticate` rehashed the password, before the
+    # token takes the fingerprint of that hash.
+    await session.commit()
     issued = issue_token(user)
     response = TokenResponse(token=issued.token, expires_at=issued.expires_at)
     return response, 200, NO_STORE
+
+
+@bp.post("/users")
+@tag(["users"])
+@validate_json(SignupRequest)
+@validate_response(UserResponse, 201)
+@document_response(ErrorResponse, 400)
+@document_response(ErrorResponse, 409)
+@document_response(ErrorResponse, 415)
+@document_response(ErrorResponse, 422)
+async def create_user(data: SignupRequest) -> ApiResponse:
+    """Sign up: create an unconfirmed account and email it a confirmation link.
+
+    The address and username must be new, compared without regard to case: a
+    clash gets a 409 whose error is duplicate_email or duplicate_username.
+    """
+    session = get_session()
+    try:
+        user = await accounts.register_user(
+            session=session,
+            email=data.email,
+            username=data.username,
+            password=data.password,
+        )
+    except DuplicateUser as error:
+        detail = _DUPLICATE_DETAILS[error.field]
+        raise ApiError(409, f"duplicate_{error.field}", detail) from None
+    await session.commit()
+    return UserResponse.from_user(user), 201
 
 
 @bp.get("/users/me")
@@ -89,6 +136,75 @@ async def create_token() -> ApiResponse:
 async def get_current_user() -> ApiResponse:
     """Read the account that the bearer token belongs to."""
     return UserResponse.from_user(api_user())
+
+
+@bp.post("/users/me/confirmation")
+@tag(["users"])
+@token_required()
+@validate_response(AcceptedResponse, 202)
+@document_response(ErrorResponse, 401)
+@document_response(ErrorResponse, 409)
+@document_response(ErrorResponse, 429)
+async def resend_confirmation() -> ApiResponse:
+    """Email a new confirmation link to the token's unconfirmed account.
+
+    A confirmed account gets a 409. One link may be asked for every
+    CONFIRMATION_RESEND_INTERVAL seconds (60 by default). Sooner gets a 429,
+    whose Retry-After header gives the seconds left.
+    """
+    user = api_user()
+    if user.confirmed:
+        raise ApiError(
+            409,
+            "already_confirmed",
+            "The account is confirmed already, so no new link is needed.",
+        )
+
+    session = get_session()
+    if not await accounts.resend_confirmation(session=session, user=user):
+        await session.rollback()
+        seconds_left = await _seconds_until_resend(user)
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"A confirmation email was sent moments ago: check your inbox, or try "
+            f"again in {seconds_left} seconds.",
+            headers={"Retry-After": str(seconds_left)},
+        )
+    await session.commit()
+    return AcceptedResponse(
+        detail=f"A new confirmation link is on its way to {user.email}."
+    ), 202
+
+
+@bp.post("/confirmations")
+@tag(["users"])
+@validate_json(ConfirmationRequest)
+@validate_response(UserResponse)
+@document_response(ErrorResponse, 400)
+@document_response(ErrorResponse, 422)
+async def confirm_account(data: ConfirmationRequest) -> ApiResponse:
+    """Confirm an account with the token from its confirmation email.
+
+    The token is the last part of the link's path. Confirming twice is not an
+    error: the second time the account is returned unchanged.
+    """
+    session = get_session()
+    try:
+        user, _ = await accounts.confirm_account(session=session, token=data.token)
+    except TokenExpired:
+        raise ApiError(
+            400,
+            "token_expired",
+            "The confirmation link has expired: log in and ask for a new one with "
+            "POST /api/users/me/confirmation.",
+        ) from None
+    except TokenInvalid:
+        raise ApiError(
+            400, "invalid_token", "The confirmation token is invalid."
+        ) from None
+    await session.commit()
+    return UserResponse.from_user(user)
 
 
 @bp.get("/outbox")
@@ -152,3 +268,20 @@ async def retry_outbox_message(message_id: int) -> ApiResponse:
         raise ApiError(409, "not_failed", str(error)) from None
     await session.commit()
     return OutboxMessageResponse.from_row(row), 202
+
+
+_DUPLICATE_DETAILS = {
+    "email": "An account with that email address exists already: log in, or "
+    "reset its password.",
+    "username": "That username is taken: choose another one.",
+}
+
+
+async def _seconds_until_resend(user: User) -> int:
+    """Return the whole seconds until `user` may ask for another confirmation."""
+    await get_session().refresh(user)
+    interval: int = current_app.config["CONFIRMATION_RESEND_INTERVAL"]
+    if user.confirmation_sent_at is None:
+        return 1
+    elapsed = (utcnow() - user.confirmation_sent_at).total_seconds()
+    return max(1, math.ceil(interval - elapsed))

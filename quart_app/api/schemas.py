@@ -22,7 +22,7 @@ from pydantic import (
 )
 from quart.typing import ResponseReturnValue
 
-from quart_app.auth.forms import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH
+from quart_app.accounts import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH
 from quart_app.models import (
     EMAIL_MAX_LENGTH,
     USERNAME_MAX_LENGTH,
