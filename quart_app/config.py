@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     TOKEN_MAX_AGE: int = Field(3600, gt=0)
     API_TOKEN_MAX_AGE: int = Field(3600, gt=0)
     CONFIRMATION_RESEND_INTERVAL: int = Field(60, ge=0)
+    PASSWORD_RESET_INTERVAL: int = Field(60, ge=0)
+    EMAIL_CHANGE_INTERVAL: int = Field(60, ge=0)
 
     MAIL_SERVER: Annotated[str | None, BeforeValidator(_empty_as_none)] = None
     MAIL_PORT: Annotated[int | None, BeforeValidator(_empty_as_none)] = Field(

@@ -98,6 +98,12 @@ class User(Base):
     # When the last confirmation email was queued, to limit how often a user
     # can ask for another one.
     confirmation_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When the last password reset email was queued. Anyone can request one, so
+    # this limits how often a stranger can have the app mail the account.
+    password_reset_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When the last email to confirm a new address was queued, to limit how
+    # often the account can have the app mail an address of its choice.
+    email_change_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     @property
     def is_administrator(self) -> bool:

@@ -221,6 +221,8 @@ def make_app(
         "APP_BASE_URL": BASE_URL,
         "APP_ADMIN": ADMIN_EMAIL,
         "CONFIRMATION_RESEND_INTERVAL": 0,
+        "PASSWORD_RESET_INTERVAL": 0,
+        "EMAIL_CHANGE_INTERVAL": 0,
     }
     settings.update(overrides)
     return create_app(settings)
