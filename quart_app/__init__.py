@@ -11,6 +11,7 @@ from quart_auth import QuartAuth, Unauthorized
 from werkzeug.exceptions import HTTPException
 
 from quart_app import api, db, email, outbox, passwords
+from quart_app.admin import bp as admin_bp
 from quart_app.auth import bp as auth_bp
 from quart_app.config import (
     Settings,
@@ -69,6 +70,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Quart:
     app.register_blueprint(auth_bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(api.docs_bp)
+    app.register_blueprint(admin_bp)
 
     init_cli(app)
     db.dispose_last(app)

@@ -29,7 +29,6 @@ from quart_app.api.auth import (
 )
 from quart_app.api.errors import ApiError, validation_error_response
 from quart_app.api.schemas import (
-    MAX_ID,
     AcceptedResponse,
     ApiResponse,
     ConfirmationRequest,
@@ -51,7 +50,7 @@ from quart_app.errors import (
     TokenExpired,
     TokenInvalid,
 )
-from quart_app.models import EMAIL_MAX_LENGTH, OutboxMessage, User, utcnow
+from quart_app.models import EMAIL_MAX_LENGTH, MAX_ID, OutboxMessage, User, utcnow
 from quart_app.outbox import retry_message
 
 bp = Blueprint("api", __name__, url_prefix="/api")

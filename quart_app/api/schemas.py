@@ -25,6 +25,7 @@ from quart.typing import ResponseReturnValue
 from quart_app.accounts import PASSWORD_MAX_LENGTH, PASSWORD_MIN_LENGTH
 from quart_app.models import (
     EMAIL_MAX_LENGTH,
+    MAX_ID,
     USERNAME_MAX_LENGTH,
     OutboxMessage,
     OutboxStatus,
@@ -34,8 +35,6 @@ from quart_app.models import (
 USERNAME_PATTERN = r"[A-Za-z][A-Za-z0-9_.]*"
 OUTBOX_PAGE_SIZE = 50
 OUTBOX_MAX_PAGE_SIZE = 200
-# The largest id the integer columns hold on PostgreSQL.
-MAX_ID = 2**31 - 1
 
 # The return type of API views. Quart-Schema 0.25 types a model in a response as
 # type[Model], a class, so a view that returns a model instance needs this.
