@@ -9,6 +9,7 @@ the same rules as the forms (for passwords, `PASSWORD_MIN_LENGTH` and
 `PASSWORD_MAX_LENGTH`).
 """
 
+import hashlib
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -19,9 +20,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
-from quart_app.auth.mail import send_confirmation, send_new_user_notice
-from quart_app.auth.tokens import Purpose, load_token
-from quart_app.errors import DuplicateUser, TokenInvalid
+from quart_app.auth.mail import (
+    send_confirmation,
+    send_email_change,
+    send_new_user_notice,
+    send_password_reset,
+)
+from quart_app.auth.tokens import Purpose, generate_token, load_token
+from quart_app.errors import DuplicateUser, IncorrectPassword, TokenInvalid
 from quart_app.models import (
     User,
     create_user,
@@ -37,9 +43,15 @@ __all__ = (
     "PASSWORD_MAX_LENGTH",
     "PASSWORD_MIN_LENGTH",
     "authenticate",
+    "change_email",
+    "change_password",
     "confirm_account",
     "register_user",
+    "request_email_change",
+    "request_password_reset",
     "resend_confirmation",
+    "reset_password",
+    "verify_reset_token",
 )
 
 PASSWORD_MIN_LENGTH = 8
@@ -61,8 +73,8 @@ async def register_user(
         DuplicateUser: the address (``field == "email"``) or the username
             (``field == "username"``) is registered already. When another
             request registered it between the check and the insert, the unique
-            constraint rejects the insert, and the session has been rolled back
-            before this is raised.
+            constraint rejects the insert. The session has then been rolled back,
+            and the objects in it reloaded, before this is raised.
     """
     email = normalize_email(email)
     duplicate = await _duplicate_field(session=session, email=email, username=username)
@@ -79,7 +91,7 @@ async def register_user(
             admin_email=current_app.config["APP_ADMIN"],
         )
     except IntegrityError:
-        await session.rollback()
+        await _roll_back(session)
         duplicate = await _duplicate_field(
             session=session, email=email, username=username
         )
@@ -155,6 +167,183 @@ async def resend_confirmation(*, session: AsyncSession, user: User) -> bool:
     return claimed
 
 
+async def request_password_reset(*, session: AsyncSession, email: str) -> None:
+    """Queue a password reset email if an account has this address.
+
+    Nothing happens for an unknown address, or when the account's last reset
+    email is less than PASSWORD_RESET_INTERVAL seconds old, so that a stranger
+    with the address cannot flood its mailbox. The caller responds the same in
+    every case, so the response does not reveal whether the address is
+    registered. The link in the email works once, and only while the account
+    keeps its password and address.
+    """
+    user = await find_user_by_email(session=session, email=email)
+    if user is None:
+        return
+
+    claimed = await _claim_email_slot(
+        session=session,
+        user=user,
+        sent_at=User.password_reset_sent_at,
+        interval=current_app.config["PASSWORD_RESET_INTERVAL"],
+    )
+    if claimed:
+        token = generate_token(
+            Purpose.RESET_PASSWORD,
+            {
+                "reset": user.id,
+                "email": user.email,
+                "password": user.password_fingerprint,
+            },
+        )
+        await send_password_reset(user, token)
+
+
+async def verify_reset_token(*, session: AsyncSession, token: str) -> User:
+    """Return the user whose password a reset link may change, without changing it.
+
+    Raises:
+        TokenExpired: the link is older than TOKEN_MAX_AGE.
+        TokenInvalid: the link is malformed, tampered with or made for another
+            purpose, or the account's password or address changed after it was
+            sent, which includes a reset through this same link.
+    """
+    payload = load_token(Purpose.RESET_PASSWORD, token)
+    user = await session.get(User, _user_id(payload, "reset"))
+    if (
+        user is None
+        or user.email != payload.get("email")
+        or user.password_fingerprint != payload.get("password")
+    ):
+        raise TokenInvalid("The password reset link was used already or is outdated.")
+    return user
+
+
+async def reset_password(*, session: AsyncSession, token: str, password: str) -> User:
+    """Set a new password through a link from a password reset email.
+
+    The account is confirmed too, because the link proves control of its
+    address. The new password changes `User.auth_id`, which ends every login of
+    the account, and makes the link invalid.
+
+    Raises:
+        TokenExpired: the link is older than TOKEN_MAX_AGE.
+        TokenInvalid: see `verify_reset_token`. Of two requests that use one
+            link at the same time, the one that commits second gets this.
+    """
+    user = await verify_reset_token(session=session, token=token)
+    old_hash = user.password_hash
+    new_hash = await hash_password(password)
+
+    # The old hash in the WHERE clause makes the link single-use even when two
+    # requests verified it at once, because the second UPDATE no longer matches.
+    result = await session.execute(
+        update(User)
+        .where(User.id == user.id, User.password_hash == old_hash)
+        .values(password_hash=new_hash, confirmed=True)
+        .execution_options(synchronize_session=False)
+    )
+    if cast(CursorResult[Any], result).rowcount != 1:
+        raise TokenInvalid("The password reset link was used already.")
+    await session.refresh(user)
+    return user
+
+
+async def change_password(
+    *, session: AsyncSession, user: User, old_password: str, password: str
+) -> bool:
+    """Replace the password of `user` if `old_password` is its current one.
+
+    Returns False, changing nothing, when `old_password` is wrong. The new
+    password changes `User.auth_id`, so it ends the account's other logins. A
+    caller that wants to keep the current login logs it in again with the new
+    `auth_id` after the commit.
+    """
+    if not await verify_password(user.password_hash, old_password):
+        return False
+
+    user.password_hash = await hash_password(password)
+    return True
+
+
+async def request_email_change(
+    *, session: AsyncSession, user: User, new_email: str, password: str
+) -> bool:
+    """Queue an email to `new_email` with a link that makes it the user's address.
+
+    The address stays as it is until the link is opened (see `change_email`).
+    Returns False, queueing nothing, when the account's last such email is less
+    than EMAIL_CHANGE_INTERVAL seconds old.
+
+    Raises:
+        IncorrectPassword: `password` is not the user's password.
+        DuplicateUser: `new_email` is registered already, to this account or
+            another one (``field == "email"``).
+    """
+    if not await verify_password(user.password_hash, password):
+        raise IncorrectPassword("The password is incorrect.")
+    new_email = normalize_email(new_email)
+    if await email_taken(session=session, email=new_email):
+        raise DuplicateUser("email")
+
+    claimed = await _claim_email_slot(
+        session=session,
+        user=user,
+        sent_at=User.email_change_sent_at,
+        interval=current_app.config["EMAIL_CHANGE_INTERVAL"],
+    )
+    if claimed:
+        token = generate_token(
+            Purpose.CHANGE_EMAIL,
+            {
+                "change_email": user.id,
+                "old_email": _address_digest(user.email),
+                "new_email": new_email,
+            },
+        )
+        await send_email_change(user, new_email, token)
+    return claimed
+
+
+async def change_email(*, session: AsyncSession, token: str) -> User:
+    """Apply an address change through a link from a "Confirm Your Email Address" email.
+
+    The account is confirmed too, because the link proves control of the new
+    address. A link stops working once the account's address changes, through
+    this link or any other way.
+
+    Raises:
+        TokenExpired: the link is older than TOKEN_MAX_AGE.
+        TokenInvalid: the link is malformed, tampered with or made for another
+            purpose, or the account's address is no longer the one it had when
+            the link was sent.
+        DuplicateUser: another account registered the new address after the
+            link was sent (``field == "email"``). When the unique constraint
+            caught it, the session has been rolled back, and the objects in it
+            reloaded, before this is raised.
+    """
+    payload = load_token(Purpose.CHANGE_EMAIL, token)
+    user = await session.get(User, _user_id(payload, "change_email"))
+    new_email = payload.get("new_email")
+    if (
+        user is None
+        or not isinstance(new_email, str)
+        or _address_digest(user.email) != payload.get("old_email")
+    ):
+        raise TokenInvalid("The email change link was used already or is outdated.")
+    if await email_taken(session=session, email=new_email):
+        raise DuplicateUser("email")
+
+    user.email = new_email
+    user.confirmed = True
+    try:
+        await session.flush()
+    except IntegrityError:
+        await _roll_back(session)
+        raise DuplicateUser("email") from None
+    return user
+
+
 async def _duplicate_field(
     *, session: AsyncSession, email: str, username: str
 ) -> str | None:
@@ -163,6 +352,15 @@ async def _duplicate_field(
     if await username_taken(session=session, username=username):
         return "username"
     return None
+
+
+async def _roll_back(session: AsyncSession) -> None:
+    await session.rollback()
+    # The rollback expired every object the session holds, such as the
+    # logged-in user. Reading an expired attribute where nothing awaits, as a
+    # template does, raises MissingGreenlet, so they are reloaded here.
+    for instance in list(session.identity_map.values()):
+        await session.refresh(instance)
 
 
 async def _claim_email_slot(
@@ -186,6 +384,12 @@ async def _claim_email_slot(
         .execution_options(synchronize_session=False)
     )
     return cast(CursorResult[Any], result).rowcount == 1
+
+
+def _address_digest(email: str) -> str:
+    # The link goes to the new address, which may be mistyped, so it carries a
+    # digest of the current address rather than the address itself.
+    return hashlib.sha256(email.encode()).hexdigest()[:16]
 
 
 def _user_id(payload: dict[str, Any], key: str) -> int:

@@ -37,6 +37,10 @@ class DuplicateUser(AppError):
         self.field = field
 
 
+class IncorrectPassword(AppError):
+    """The password given to confirm a change does not match the account's."""
+
+
 class OutboxMessageNotFound(AppError):
     """No outbox row has the given id."""
 

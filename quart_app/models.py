@@ -118,8 +118,16 @@ class User(Base):
         It carries a fingerprint of the password hash, so changing the password
         ends every other login of the account.
         """
-        fingerprint = hashlib.sha256(self.password_hash.encode()).hexdigest()[:16]
-        return f"{self.id}:{fingerprint}"
+        return f"{self.id}:{self.password_fingerprint}"
+
+    @property
+    def password_fingerprint(self) -> str:
+        """A short digest of the password hash.
+
+        argon2 salts every hash afresh, so the digest changes with each new
+        password, even when the password itself is the same.
+        """
+        return hashlib.sha256(self.password_hash.encode()).hexdigest()[:16]
 
     def __repr__(self) -> str:
         return f"<User {self.id} {self.username!r}>"

@@ -16,6 +16,7 @@ from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -319,3 +320,28 @@ def confirm_link(message: EmailMessage) -> str:
     match = re.search(r"https?://\S+/auth/confirm/\S+", text)
     assert match is not None, text
     return match.group(0)
+
+
+def link_to(message: EmailMessage, path: str) -> str:
+    """Return the absolute link to a `path` such as "/auth/reset/" in the text part."""
+    text, _ = parts_of(message)
+    match = re.search(rf"https?://\S+{re.escape(path)}\S+", text)
+    assert match is not None, text
+    return match.group(0)
+
+
+async def next_message_about(relay: Relay, subject: str) -> EmailMessage:
+    """Wait for the next message whose subject contains `subject`, skipping others."""
+    while True:
+        message = await relay.next_message()
+        if subject in message["Subject"]:
+            return message
+
+
+async def sign_up(client: QuartClient, relay: Relay, **fields: Any) -> None:
+    """Register with `fields` and confirm, leaving the client logged in."""
+    response = await register(client, **fields)
+    assert response.status_code == 302
+    message = await next_message_about(relay, "Confirm Your Account")
+    confirmed = await client.get(urlsplit(confirm_link(message)).path)
+    assert confirmed.status_code == 200

@@ -1,5 +1,7 @@
 """The account operations called directly, as the JSON API calls them."""
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -11,8 +13,9 @@ from quart import Quart
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from quart_app import accounts
-from quart_app.db import get_session
-from quart_app.errors import DuplicateUser, TokenInvalid
+from quart_app.auth.tokens import Purpose, load_token
+from quart_app.db import get_session, session_scope
+from quart_app.errors import DuplicateUser, IncorrectPassword, TokenError, TokenInvalid
 from quart_app.models import Role, User
 from tests.conftest import (
     ADMIN_EMAIL,
@@ -21,7 +24,9 @@ from tests.conftest import (
     confirm_link,
     fetch_outbox,
     fetch_users,
+    link_to,
     make_app,
+    next_message_about,
 )
 
 
@@ -188,3 +193,131 @@ async def test_resend_confirmation_queues_email(app: Quart, relay: Relay) -> Non
     assert sent is True
     subjects = [message["Subject"] for message in relay.messages]
     assert subjects.count("[Quart App] Confirm Your Account") == 2
+
+
+async def test_request_password_reset_unknown_address(app: Quart, relay: Relay) -> None:
+    async with _session(app) as session:
+        await _register(session)
+        result = await accounts.request_password_reset(
+            session=session, email="nobody@example.com"
+        )
+        await session.commit()
+    assert result is None
+    assert [row.subject for row in await fetch_outbox(app)] == [
+        "[Quart App] Confirm Your Account",
+        "[Quart App] New User",
+    ]
+
+
+async def test_reset_password_concurrent_use_once(app: Quart, relay: Relay) -> None:
+    async with _session(app) as session:
+        await _register(session)
+        await accounts.request_password_reset(
+            session=session, email="alice@example.com"
+        )
+        await session.commit()
+        message = await next_message_about(relay, "Reset Your Password")
+        token = link_to(message, "/auth/reset/").rsplit("/", 1)[1]
+
+        async def _reset(password: str) -> User | TokenError:
+            async with session_scope() as own_session:
+                try:
+                    user = await accounts.reset_password(
+                        session=own_session, token=token, password=password
+                    )
+                except TokenError as error:
+                    return error
+                await own_session.commit()
+                return user
+
+        outcomes = await asyncio.gather(
+            _reset("first new password"), _reset("second new password")
+        )
+    winners = [outcome for outcome in outcomes if isinstance(outcome, User)]
+    losers = [outcome for outcome in outcomes if isinstance(outcome, TokenInvalid)]
+    assert len(winners) == 1
+    assert len(losers) == 1
+    [stored] = await fetch_users(app)
+    assert stored.password_hash == winners[0].password_hash
+    assert stored.confirmed
+
+
+async def test_change_password_wrong_old_password(app: Quart, relay: Relay) -> None:
+    async with _session(app) as session:
+        user = await _register(session)
+        old_hash = user.password_hash
+        changed = await accounts.change_password(
+            session=session, user=user, old_password="wrong", password="new password"
+        )
+    assert changed is False
+    assert user.password_hash == old_hash
+
+
+async def test_request_email_change_wrong_password(app: Quart, relay: Relay) -> None:
+    async with _session(app) as session:
+        user = await _register(session)
+        with pytest.raises(IncorrectPassword):
+            await accounts.request_email_change(
+                session=session,
+                user=user,
+                new_email="new@example.com",
+                password="wrong",
+            )
+
+
+async def test_request_email_change_own_address(app: Quart, relay: Relay) -> None:
+    async with _session(app) as session:
+        user = await _register(session)
+        with pytest.raises(DuplicateUser) as raised:
+            await accounts.request_email_change(
+                session=session,
+                user=user,
+                new_email="ALICE@example.com",
+                password=PASSWORD,
+            )
+    assert raised.value.field == "email"
+
+
+async def test_change_email_token_hides_old_address(app: Quart, relay: Relay) -> None:
+    # The link goes to the new address, which may be a stranger's if mistyped.
+    async with _session(app) as session:
+        user = await _register(session)
+        sent = await accounts.request_email_change(
+            session=session, user=user, new_email="new@example.com", password=PASSWORD
+        )
+        await session.commit()
+        message = await next_message_about(relay, "Confirm Your Email Address")
+        token = link_to(message, "/auth/change-email/").rsplit("/", 1)[1]
+        payload = load_token(Purpose.CHANGE_EMAIL, token)
+    assert sent is True
+    assert "alice@example.com" not in json.dumps(payload)
+    assert "alice@example.com" not in str(message)
+
+
+async def test_change_email_unique_index_race(
+    app: Quart, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The check misses a user who took the address just before, so the unique
+    # index must catch it, and the session must be usable afterwards.
+    async with _session(app) as session:
+        user = await _register(session)
+        await accounts.request_email_change(
+            session=session, user=user, new_email="bob@example.com", password=PASSWORD
+        )
+        await session.commit()
+        message = await next_message_about(relay, "Confirm Your Email Address")
+        token = link_to(message, "/auth/change-email/").rsplit("/", 1)[1]
+        await _register(session, email="bob@example.com", username="bob")
+
+        async def _never_taken(**_arguments: Any) -> bool:
+            return False
+
+        monkeypatch.setattr(accounts, "email_taken", _never_taken)
+        with pytest.raises(DuplicateUser) as raised:
+            await accounts.change_email(session=session, token=token)
+        assert await session.get(User, user.id) is not None
+    assert raised.value.field == "email"
+    assert [user.email for user in await fetch_users(app)] == [
+        "alice@example.com",
+        "bob@example.com",
+    ]

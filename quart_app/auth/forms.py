@@ -147,3 +147,53 @@ class LoginForm(AppForm):
 
 class EmptyForm(AppForm):
     """A form with only the CSRF token, for buttons such as "resend"."""
+
+
+class PasswordResetRequestForm(AppForm):
+    email = EmailField(
+        "Email",
+        filters=[_strip],
+        validators=[
+            DataRequired(),
+            _no_control_characters,
+            Length(max=EMAIL_MAX_LENGTH),
+        ],
+    )
+
+
+class NewPasswordForm(AppForm):
+    """A new password, typed twice, for the password reset page."""
+
+    password = PasswordField(
+        "New password", validators=[DataRequired(), _password_length]
+    )
+    password2 = PasswordField(
+        "Confirm new password",
+        validators=[
+            DataRequired(),
+            EqualTo("password", message="The passwords do not match."),
+        ],
+    )
+
+
+class ChangePasswordForm(NewPasswordForm):
+    old_password = PasswordField(
+        "Current password",
+        validators=[DataRequired(), Length(max=PASSWORD_MAX_LENGTH)],
+    )
+
+
+class ChangeEmailForm(AppForm):
+    email = EmailField(
+        "New email",
+        filters=[_strip],
+        validators=[
+            DataRequired(),
+            _no_control_characters,
+            Length(max=EMAIL_MAX_LENGTH),
+            _deliverable_address,
+        ],
+    )
+    password = PasswordField(
+        "Password", validators=[DataRequired(), Length(max=PASSWORD_MAX_LENGTH)]
+    )

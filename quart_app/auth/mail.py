@@ -1,4 +1,7 @@
-"""The account emails: confirmation and the administrator's "New User" notice."""
+"""Account emails: confirmation, password reset and change of address.
+
+Also the administrator's "New User" notice.
+"""
 
 from typing import Any
 
@@ -27,6 +30,28 @@ async def send_confirmation(user: User) -> None:
         "email/confirm",
         user=user,
         confirm_url=external_url("auth.confirm", token=token),
+    )
+
+
+async def send_password_reset(user: User, token: str) -> None:
+    await send_email(
+        user.email,
+        "Reset Your Password",
+        "email/reset_password",
+        user=user,
+        reset_url=external_url("auth.password_reset", token=token),
+    )
+
+
+async def send_email_change(user: User, new_email: str, token: str) -> None:
+    """Queue the email that confirms `new_email`, sent to that new address."""
+    await send_email(
+        new_email,
+        "Confirm Your Email Address",
+        "email/change_email",
+        user=user,
+        new_email=new_email,
+        change_url=external_url("auth.change_email", token=token),
     )
 
 

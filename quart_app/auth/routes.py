@@ -12,19 +12,34 @@ from quart import (
     url_for,
 )
 from quart.typing import ResponseReturnValue
-from quart_auth import AuthUser, current_user, login_user, logout_user
+from quart_auth import (
+    AuthUser,
+    current_user,
+    login_required,
+    login_user,
+    logout_user,
+)
 
 from quart_app import accounts
 from quart_app.auth.forms import (
     AppForm,
+    ChangeEmailForm,
+    ChangePasswordForm,
     EmptyForm,
     LoginForm,
+    NewPasswordForm,
+    PasswordResetRequestForm,
     RegistrationForm,
     add_error,
 )
 from quart_app.db import get_session
-from quart_app.errors import DuplicateUser, TokenError, TokenExpired
-from quart_app.models import User, find_user_by_auth_id, utcnow
+from quart_app.errors import (
+    DuplicateUser,
+    IncorrectPassword,
+    TokenError,
+    TokenExpired,
+)
+from quart_app.models import User, find_user_by_auth_id, normalize_email, utcnow
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
 
@@ -118,7 +133,7 @@ async def confirm(token: str) -> ResponseReturnValue:
     try:
         user, already = await accounts.confirm_account(session=session, token=token)
     except TokenError as error:
-        return await _render_token_error(error)
+        return await _render_token_error(error, retry_endpoint="auth.unconfirmed")
 
     await session.commit()
     return await render_template("auth/confirmed.html", user=user, already=already)
@@ -163,6 +178,121 @@ async def unconfirmed() -> ResponseReturnValue:
     return await render_template("auth/unconfirmed.html", form=EmptyForm())
 
 
+@bp.route("/reset", methods=["GET", "POST"])
+async def password_reset_request() -> ResponseReturnValue:
+    # Logged-in users may ask too, because a browser can stay logged in long
+    # after its user forgot the password, and a change needs the old one.
+    form = await PasswordResetRequestForm.from_request()
+    if not form.validate_on_submit():
+        return await _render_form("auth/reset_request.html", form)
+
+    session = get_session()
+    await accounts.request_password_reset(session=session, email=form.email.data or "")
+    await session.commit()
+    # The same message whether or not the address is registered.
+    await flash(
+        "If an account uses that address, an email with a link to reset its "
+        "password has been sent to it.",
+        "info",
+    )
+    return redirect(url_for("auth.login"))
+
+
+@bp.route("/reset/<token>", methods=["GET", "POST"])
+async def password_reset(token: str) -> ResponseReturnValue:
+    session = get_session()
+    form = await NewPasswordForm.from_request()
+    try:
+        await accounts.verify_reset_token(session=session, token=token)
+        if not form.validate_on_submit():
+            return await _render_form("auth/reset_password.html", form)
+        await accounts.reset_password(
+            session=session, token=token, password=form.password.data or ""
+        )
+    except TokenError as error:
+        return await _render_token_error(
+            error, retry_endpoint="auth.password_reset_request"
+        )
+
+    await session.commit()
+    # The browser that reset the password logs in again with the new one, even
+    # if it was logged in as another user.
+    logout_user()
+    await flash("Your password has been reset. Log in with the new one.", "info")
+    return redirect(url_for("auth.login"))
+
+
+@bp.route("/change-password", methods=["GET", "POST"])
+@login_required
+async def change_password() -> ResponseReturnValue:
+    form = await ChangePasswordForm.from_request()
+    if not form.validate_on_submit():
+        return await _render_form("auth/change_password.html", form)
+
+    account: User = g.account
+    session = get_session()
+    changed = await accounts.change_password(
+        session=session,
+        user=account,
+        old_password=form.old_password.data or "",
+        password=form.password.data or "",
+    )
+    if not changed:
+        add_error(form.old_password, "The current password is incorrect.")
+        return await _render_form("auth/change_password.html", form)
+
+    await session.commit()
+    # The new password hash ends every login, this one included, unless this
+    # browser gets a cookie with the new auth id.
+    # NOTE: the new cookie lasts until the browser closes even if the old one
+    # was "Keep me logged in", because the request does not show which it was.
+    login_user(AuthUser(account.auth_id))
+    await flash("Your password has been changed. Other devices are logged out.", "info")
+    return redirect(url_for("main.index"))
+
+
+@bp.route("/change-email", methods=["GET", "POST"])
+@login_required
+async def change_email_request() -> ResponseReturnValue:
+    form = await ChangeEmailForm.from_request()
+    if not form.validate_on_submit():
+        return await _render_form("auth/change_email.html", form)
+
+    sent = await _request_email_change(form)
+    if not sent:
+        return await _render_form("auth/change_email.html", form)
+
+    await get_session().commit()
+    new_email = normalize_email(form.email.data or "")
+    await flash(
+        f"An email with a confirmation link has been sent to {new_email}. "
+        "Your address changes when you open the link.",
+        "info",
+    )
+    return redirect(url_for("main.index"))
+
+
+@bp.get("/change-email/<token>")
+async def change_email(token: str) -> ResponseReturnValue:
+    session = get_session()
+    try:
+        user = await accounts.change_email(session=session, token=token)
+    except TokenError as error:
+        return await _render_token_error(
+            error, retry_endpoint="auth.change_email_request"
+        )
+    except DuplicateUser:
+        page = await render_template(
+            "auth/token_error.html",
+            taken=True,
+            retry_url=url_for("auth.change_email_request"),
+        )
+        return page, 409
+
+    await session.commit()
+    return await render_template("auth/email_changed.html", user=user)
+
+
 async def _register(form: RegistrationForm) -> User | None:
     """Register the user and commit, or return None with the form's errors set."""
     session = get_session()
@@ -184,6 +314,37 @@ async def _register(form: RegistrationForm) -> User | None:
     return user
 
 
+async def _request_email_change(form: ChangeEmailForm) -> bool:
+    """Queue the email to the new address, or set the form's errors and return False."""
+    account: User = g.account
+    if normalize_email(form.email.data or "") == account.email:
+        add_error(form.email, "That is already your email address.")
+        return False
+
+    try:
+        sent = await accounts.request_email_change(
+            session=get_session(),
+            user=account,
+            new_email=form.email.data or "",
+            password=form.password.data or "",
+        )
+    except IncorrectPassword:
+        add_error(form.password, "The password is incorrect.")
+        return False
+    except DuplicateUser:
+        add_error(form.email, "That email address is already registered.")
+        return False
+
+    if not sent:
+        interval = current_app.config["EMAIL_CHANGE_INTERVAL"]
+        add_error(
+            form.email,
+            f"An email to confirm a new address was sent less than {interval} "
+            "seconds ago. Check that inbox, or try again shortly.",
+        )
+    return sent
+
+
 async def _render_form(template: str, form: AppForm) -> ResponseReturnValue:
     status = 200
     if form.csrf_failed:
@@ -196,12 +357,16 @@ async def _render_form(template: str, form: AppForm) -> ResponseReturnValue:
     return await render_template(template, form=form), status
 
 
-async def _render_token_error(error: TokenError) -> ResponseReturnValue:
-    expired = isinstance(error, TokenExpired)
-    return (
-        await render_template("auth/token_error.html", expired=expired),
-        400,
+async def _render_token_error(
+    error: TokenError, *, retry_endpoint: str
+) -> ResponseReturnValue:
+    """Render the page for an unusable link, with a link to ask for a new one."""
+    page = await render_template(
+        "auth/token_error.html",
+        expired=isinstance(error, TokenExpired),
+        retry_url=url_for(retry_endpoint),
     )
+    return page, 400
 
 
 def _local_path(target: str | None) -> str | None:
