@@ -11,7 +11,14 @@ from quart.testing import QuartClient
 
 from quart_app.db import get_session
 from quart_app.outbox import enqueue
-from tests.conftest import ADMIN_EMAIL, PASSWORD, Relay, confirm_link, register
+from tests.conftest import (
+    ADMIN_EMAIL,
+    PASSWORD,
+    Relay,
+    confirm_link,
+    next_message_about,
+    register,
+)
 
 CONFIRM_SUBJECT = "Confirm Your Account"
 
@@ -23,14 +30,6 @@ def basic_auth(email: str, password: str) -> dict[str, str]:
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-async def next_email(relay: Relay, subject: str) -> EmailMessage:
-    """Wait for the next email whose subject contains `subject`, skipping others."""
-    while True:
-        message = await relay.next_message()
-        if subject in message["Subject"]:
-            return message
 
 
 async def signup(
@@ -48,7 +47,7 @@ async def signup(
     """
     response = await register(client, email=email, username=username)
     assert response.status_code == 302, await response.get_data(as_text=True)
-    link = confirm_link(await next_email(relay, CONFIRM_SUBJECT))
+    link = confirm_link(await next_message_about(relay, CONFIRM_SUBJECT))
     if confirm:
         assert (await client.get(urlsplit(link).path)).status_code == 200
     await client.get("/auth/logout")

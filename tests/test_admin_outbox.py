@@ -5,13 +5,14 @@ import re
 import pytest
 from quart.testing import QuartClient
 
-from tests.api import next_email, queue_emails, signup
+from tests.api import queue_emails, signup
 from tests.conftest import (
     ADMIN_EMAIL,
     Relay,
     csrf_token,
     fetch_outbox,
     login,
+    next_message_about,
     page_text,
     register,
 )
@@ -147,7 +148,7 @@ async def test_retry_button_sends_again(client: QuartClient, relay: Relay) -> No
         form={"csrf_token": token, "status": "failed"},
     )
 
-    delivered = await next_email(relay, "Notice 0")
+    delivered = await next_message_about(relay, "Notice 0")
     after = await page_text(await client.get(response.headers["Location"]))
     assert response.status_code == 302
     assert response.headers["Location"] == "/admin/outbox?status=failed"

@@ -6,11 +6,10 @@ from tests.api import (
     admin_token,
     bearer,
     get_token,
-    next_email,
     queue_emails,
     signup,
 )
-from tests.conftest import ADMIN_EMAIL, Relay, fetch_outbox, serving
+from tests.conftest import ADMIN_EMAIL, Relay, fetch_outbox, next_message_about, serving
 
 REJECTED = "550 5.7.1 Message rejected"
 FIELDS = {
@@ -162,7 +161,7 @@ async def test_retry_sends_failed_message(client: QuartClient, relay: Relay) -> 
     assert body["id"] == message_id
     assert body["status"] == "pending"
     assert body["attempts"] == 0
-    delivered = await next_email(relay, "Notice 0")
+    delivered = await next_message_about(relay, "Notice 0")
     assert delivered["To"] == "reader0@example.com"
 
 

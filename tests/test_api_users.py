@@ -13,7 +13,6 @@ from tests.api import (
     bearer,
     get_token,
     link_token,
-    next_email,
     signup,
 )
 from tests.conftest import (
@@ -23,6 +22,7 @@ from tests.conftest import (
     fetch_outbox,
     fetch_users,
     make_app,
+    next_message_about,
     page_text,
     serving,
 )
@@ -73,7 +73,7 @@ async def test_signup_creates_unconfirmed_user(
 
 async def test_signup_email_link_confirms(client: QuartClient, relay: Relay) -> None:
     await api_signup(client)
-    message = await next_email(relay, CONFIRM_SUBJECT)
+    message = await next_message_about(relay, CONFIRM_SUBJECT)
 
     page = await client.get(urlsplit(confirm_link(message)).path)
 
@@ -87,7 +87,7 @@ async def test_signup_email_link_confirms(client: QuartClient, relay: Relay) -> 
 async def test_signup_sends_admin_notice(client: QuartClient, relay: Relay) -> None:
     await api_signup(client)
 
-    notice = await next_email(relay, "New User")
+    notice = await next_message_about(relay, "New User")
 
     assert notice["To"] == "admin@example.com"
 
@@ -248,7 +248,7 @@ async def test_signup_oversized_body_rejected(
 
 async def test_confirmation_confirms_account(client: QuartClient, relay: Relay) -> None:
     await api_signup(client)
-    token = link_token(await next_email(relay, CONFIRM_SUBJECT))
+    token = link_token(await next_message_about(relay, CONFIRM_SUBJECT))
 
     response = await client.post("/api/confirmations", json={"token": token})
 
@@ -262,7 +262,7 @@ async def test_confirmation_confirms_account(client: QuartClient, relay: Relay) 
 
 async def test_confirmation_twice_still_ok(client: QuartClient, relay: Relay) -> None:
     await api_signup(client)
-    token = link_token(await next_email(relay, CONFIRM_SUBJECT))
+    token = link_token(await next_message_about(relay, CONFIRM_SUBJECT))
 
     first = await client.post("/api/confirmations", json={"token": token})
     second = await client.post("/api/confirmations", json={"token": token})
@@ -276,7 +276,7 @@ async def test_confirmation_bad_token_rejected(
     client: QuartClient, relay: Relay
 ) -> None:
     await api_signup(client)
-    token = link_token(await next_email(relay, CONFIRM_SUBJECT))
+    token = link_token(await next_message_about(relay, CONFIRM_SUBJECT))
     [user] = await fetch_users(client.app)
     async with client.app.app_context():
         payload = {"confirm": user.id, "email": user.email}
@@ -338,7 +338,7 @@ async def test_resend_sends_new_link(client: QuartClient, relay: Relay) -> None:
     response = await client.post("/api/users/me/confirmation", headers=bearer(token))
 
     body = await response.get_json()
-    message = await next_email(relay, CONFIRM_SUBJECT)
+    message = await next_message_about(relay, CONFIRM_SUBJECT)
     assert response.status_code == 202
     assert "alice@example.com" in body["detail"]
     assert message["To"] == "alice@example.com"

@@ -33,9 +33,11 @@ from quart_app.api.schemas import (
     ApiResponse,
     ConfirmationRequest,
     ErrorResponse,
+    NewPasswordRequest,
     OutboxMessageResponse,
     OutboxPage,
     OutboxQuery,
+    PasswordResetRequest,
     SignupRequest,
     TokenResponse,
     UserResponse,
@@ -204,6 +206,71 @@ async def confirm_account(data: ConfirmationRequest) -> ApiResponse:
         ) from None
     await session.commit()
     return UserResponse.from_user(user)
+
+
+@bp.post("/password-resets")
+@tag(["password resets"])
+@validate_json(PasswordResetRequest)
+@validate_response(AcceptedResponse, 202)
+@document_response(ErrorResponse, 400)
+@document_response(ErrorResponse, 415)
+@document_response(ErrorResponse, 422)
+async def create_password_reset(data: PasswordResetRequest) -> ApiResponse:
+    """Email a link to reset the password, if an account uses the address.
+
+    The status and body are the same whether or not the address is registered,
+    so they do not reveal which addresses have accounts. One email per account
+    is sent every PASSWORD_RESET_INTERVAL seconds (60 by default) at most.
+    """
+    session = get_session()
+    # NOTE: a registered address takes longer to respond to, because its email is
+    # rendered and queued here, so response times can still hint at accounts.
+    await accounts.request_password_reset(session=session, email=data.email)
+    await session.commit()
+    detail = (
+        "If an account uses that address, an email with a link to reset its "
+        "password is on its way to it."
+    )
+    return AcceptedResponse(detail=detail), 202
+
+
+@bp.post("/password-resets/<token>")
+@tag(["password resets"])
+@validate_json(NewPasswordRequest)
+@document_response(ErrorResponse, 400)
+@document_response(ErrorResponse, 415)
+@document_response(ErrorResponse, 422)
+async def complete_password_reset(
+    token: str, data: NewPasswordRequest
+) -> ResponseReturnValue:
+    """Set a new password with the token from a password reset email.
+
+    The token is the last part of the link's path, and works once. The new
+    password revokes every bearer token and login of the account, and confirms
+    the account, since the email proved control of its address. Success
+    returns 204 with no body.
+    """
+    session = get_session()
+    try:
+        await accounts.reset_password(
+            session=session, token=token, password=data.password
+        )
+    except TokenExpired:
+        raise ApiError(
+            400,
+            "token_expired",
+            "The password reset link has expired: ask for a new one with POST "
+            "/api/password-resets.",
+        ) from None
+    except TokenInvalid:
+        raise ApiError(
+            400,
+            "invalid_token",
+            "The password reset token is invalid, was used already, or is "
+            "outdated by a later change of password or address.",
+        ) from None
+    await session.commit()
+    return "", 204
 
 
 @bp.get("/outbox")
