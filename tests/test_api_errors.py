@@ -83,3 +83,40 @@ async def test_unconfirmed_cookie_not_redirected(
 
     assert response.status_code == 401
     assert response.mimetype == "application/json"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/users",
+        "/api/confirmations",
+        "/api/password-resets",
+        "/api/password-resets/some-token",
+    ],
+)
+async def test_json_body_routes_reject_bad_bodies(
+    client: QuartClient, path: str
+) -> None:
+    json_type = {"Content-Type": "application/json"}
+
+    malformed = await client.post(path, data='{"a": ', headers=json_type)
+    form = await client.post(path, form={"email": "alice@example.com"})
+    not_object = await client.post(path, data="[]", headers=json_type)
+    oversized = await client.post(path, data="x" * (1024 * 1024 + 1), headers=json_type)
+
+    assert (malformed.status_code, (await _error(malformed))["error"]) == (
+        400,
+        "invalid_json",
+    )
+    assert (form.status_code, (await _error(form))["error"]) == (
+        415,
+        "unsupported_media_type",
+    )
+    assert (not_object.status_code, (await _error(not_object))["error"]) == (
+        422,
+        "validation_failed",
+    )
+    assert (oversized.status_code, (await _error(oversized))["error"]) == (
+        413,
+        "payload_too_large",
+    )

@@ -3,9 +3,13 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from pydantic import ValidationError
 from quart import Quart
 from quart.testing import QuartClient
+from werkzeug.datastructures import MultiDict
 
+from quart_app.api.schemas import SignupRequest
+from quart_app.auth.forms import RegistrationForm
 from quart_app.auth.tokens import Purpose, generate_token
 from tests.api import (
     CONFIRM_SUBJECT,
@@ -51,6 +55,38 @@ INVALID_FIELDS = [
     ("password", "short"),
     ("password", "x" * 129),
 ]
+
+
+# Values both the form and the API accept.
+VALID_FIELDS = [
+    ("email", " bob@example.com "),
+    ("email", "carol@B\u00fccher.example"),
+    ("username", "A"),
+    ("username", "a.b_c9"),
+    ("password", "x" * 8),
+    ("password", "x" * 128),
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [case for case in INVALID_FIELDS if isinstance(case[1], str)] + VALID_FIELDS,
+)
+def test_signup_rules_match_form(field: str, value: str) -> None:
+    body = {"email": "alice@example.com", "username": "alice", "password": PASSWORD}
+    body[field] = value
+    form = RegistrationForm(
+        formdata=MultiDict(body | {"password2": body["password"]}),
+        meta={"csrf": False},
+    )
+    try:
+        SignupRequest.model_validate(body)
+    except ValidationError:
+        api_accepts = False
+    else:
+        api_accepts = True
+
+    assert form.validate() == api_accepts
 
 
 async def test_signup_creates_unconfirmed_user(
