@@ -122,6 +122,16 @@ def get_engine() -> AsyncEngine:
     return engine
 
 
+def describe_error(error: BaseException) -> str:
+    """Return the first line of `error`'s message, for a one-line log entry.
+
+    SQLAlchemy appends the SQL statement and its parameters on further lines,
+    which would split the entry and could put an address from a form in the log.
+    """
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def _sessionmaker() -> async_sessionmaker[AsyncSession]:
     get_engine()
     maker: async_sessionmaker[AsyncSession] = current_app.extensions["db_sessionmaker"]
@@ -139,7 +149,9 @@ async def _check_schema(engine: AsyncEngine) -> None:
             )
     except (SQLAlchemyError, OSError) as error:
         logger.error(
-            "The database at %s did not respond at start-up: %s", shown_url, error
+            "The database at %s did not respond at start-up: %s",
+            shown_url,
+            describe_error(error),
         )
         return
     missing = sorted(set(Base.metadata.tables) - tables)

@@ -67,3 +67,29 @@ async def test_missing_schema_logged_at_start(
         pass
     messages = [record.getMessage() for record in caplog.records]
     assert any("run `alembic upgrade head`" in message for message in messages)
+
+
+async def test_healthz_missing_schema_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(
+        {
+            "APP_ENV": "testing",
+            "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}",
+            "INSTANCE_PATH": str(tmp_path),
+            "MAIL_SERVER": "127.0.0.1",
+            "OUTBOX_WORKER": False,
+        }
+    )
+    async with serving(app) as client:
+        response = await client.get("/healthz")
+    assert response.status_code == 503
+    failures = [
+        record.getMessage()
+        for record in caplog.records
+        if record.getMessage().startswith("Health check failed")
+    ]
+    assert len(failures) == 1
+    assert "no such table" in failures[0]
+    # SQLAlchemy puts the statement on further lines, but the log keeps one line.
+    assert "\n" not in failures[0]

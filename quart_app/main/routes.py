@@ -7,7 +7,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from quart_app.api.schemas import HealthResponse
-from quart_app.db import get_session
+from quart_app.db import describe_error, get_session
 from quart_app.outbox import outbox_stats
 
 bp = Blueprint("main", __name__)
@@ -30,6 +30,9 @@ async def healthz() -> ResponseReturnValue:
         await session.execute(text("SELECT 1"))
         stats = await outbox_stats(session)
     except (SQLAlchemyError, OSError) as error:
-        logger.error("Health check failed: the database did not respond: %s", error)
+        logger.error(
+            "Health check failed: the database did not respond: %s",
+            describe_error(error),
+        )
         return {"status": "error", "database": "unavailable"}, 503
     return {"status": "ok", "database": "ok", "outbox": stats}

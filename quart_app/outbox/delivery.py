@@ -17,7 +17,7 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import aiosmtplib
@@ -28,7 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
-from quart_app.db import session_scope
+from quart_app.db import describe_error, session_scope
 from quart_app.models import OutboxMessage, OutboxStatus, utcnow
 from quart_app.outbox.smtp import SendResult, SMTPPool
 
@@ -132,7 +132,9 @@ class Outbox:
                 released = await self._release_leases(session)
                 pending = await count_pending(session)
         except (SQLAlchemyError, OSError) as error:
-            logger.error("Could not release outbox leases at shutdown: %s", error)
+            logger.error(
+                "Failed to release outbox leases at shutdown: %s", describe_error(error)
+            )
             return
         if released:
             logger.warning(
@@ -155,7 +157,7 @@ class Outbox:
                     "Outbox %d: the database failed during delivery; the delivery "
                     "loop will retry it: %s",
                     id_,
-                    outcome,
+                    describe_error(outcome),
                 )
             elif isinstance(outcome, BaseException):
                 raise outcome
@@ -192,7 +194,7 @@ class Outbox:
                 logger.error(
                     "Outbox delivery pass failed; next pass in %.1f s: %s",
                     self.poll_interval,
-                    error,
+                    describe_error(error),
                 )
             # The loop is the only retry path of this process, so an unexpected
             # error is logged with its traceback and the loop goes on.
@@ -497,8 +499,6 @@ async def outbox_stats(session: AsyncSession) -> dict[str, Any]:
         if isinstance(oldest, str):
             oldest = datetime.fromisoformat(oldest)
         if oldest.tzinfo is None:
-            from datetime import UTC
-
             oldest = oldest.replace(tzinfo=UTC)
         age = round((utcnow() - oldest).total_seconds(), 1)
     return {
