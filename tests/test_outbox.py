@@ -116,9 +116,14 @@ async def test_relay_down_then_up_delivered(database_url: str, tmp_path: Path) -
     app = make_app(database_url, port, tmp_path, **QUICK_RETRIES)
     relay = Relay(port=port)
     async with serving(app) as client:
+        running = set(app.background_tasks)
         assert (await register(client)).status_code == 302
+        # The signup's commit started a task that tries the closed port. Waiting
+        # for it keeps the relay from starting before a first attempt failed.
+        await asyncio.gather(*(app.background_tasks - running))
         rows = await fetch_outbox(app)
         assert {row.status for row in rows} <= {"pending", "sending"}
+        assert all(row.attempts >= 1 for row in rows)
 
         server = await asyncio.get_running_loop().create_server(
             lambda: SMTP(relay, hostname="relay.test"), host="127.0.0.1", port=port
