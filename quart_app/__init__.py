@@ -10,7 +10,8 @@ from quart.typing import ResponseReturnValue
 from quart_auth import QuartAuth, Unauthorized
 from werkzeug.exceptions import HTTPException
 
-from quart_app import db, email, outbox, passwords
+from quart_app import api, db, email, outbox, passwords
+from quart_app.admin import bp as admin_bp
 from quart_app.auth import bp as auth_bp
 from quart_app.config import (
     Settings,
@@ -64,8 +65,12 @@ def create_app(overrides: dict[str, Any] | None = None) -> Quart:
         app.register_blueprint(dev_bp)
     outbox.init_app(app)
     _init_auth(app)
+    api.init_app(app)
     app.register_blueprint(main_bp)
     app.register_blueprint(auth_bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(api.docs_bp)
+    app.register_blueprint(admin_bp)
 
     init_cli(app)
     db.dispose_last(app)
@@ -138,6 +143,9 @@ def _register_error_handlers(app: Quart) -> None:
 
     @app.errorhandler(HTTPException)
     async def _http_error(error: HTTPException) -> ResponseReturnValue:
+        # Under /api every error is JSON, also for a path or method no route has.
+        if api.is_api_request():
+            return api.error_response(error)
         page = await render_template("error.html", error=error)
         return page, error.code or 500
 
@@ -148,6 +156,8 @@ def _register_error_handlers(app: Quart) -> None:
         app.logger.exception(
             "Unhandled error on %s %s", request.method, rule, exc_info=error
         )
+        if api.is_api_request():
+            return api.server_error_response()
         page = await render_template("error.html", error=None)
         return page, 500
 

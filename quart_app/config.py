@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     APP_BASE_URL: Annotated[str | None, BeforeValidator(_empty_as_none)] = None
     APP_ADMIN: Annotated[str | None, BeforeValidator(_empty_as_none)] = None
     TOKEN_MAX_AGE: int = Field(3600, gt=0, le=30 * _DAY)
+    API_TOKEN_MAX_AGE: int = Field(3600, gt=0, le=30 * _DAY)
     CONFIRMATION_RESEND_INTERVAL: int = Field(60, ge=0, le=_DAY)
     PASSWORD_RESET_INTERVAL: int = Field(60, ge=0, le=_DAY)
     EMAIL_CHANGE_INTERVAL: int = Field(60, ge=0, le=_DAY)

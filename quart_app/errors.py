@@ -39,3 +39,23 @@ class DuplicateUser(AppError):
 
 class IncorrectPassword(AppError):
     """The password given to confirm a change does not match the account's."""
+
+
+class OutboxMessageNotFound(AppError):
+    """No outbox row has the given id."""
+
+    def __init__(self, message_id: int) -> None:
+        super().__init__(f"Outbox message {message_id} does not exist.")
+        self.message_id = message_id
+
+
+class OutboxMessageNotFailed(AppError):
+    """The outbox row is not failed, so there is nothing to retry."""
+
+    def __init__(self, message_id: int, status: str) -> None:
+        super().__init__(
+            f"Outbox message {message_id} is {status}, not failed: only a failed "
+            "message can be retried."
+        )
+        self.message_id = message_id
+        self.status = status

@@ -28,6 +28,8 @@ from quart_app.db import Base
 
 EMAIL_MAX_LENGTH = 254
 USERNAME_MAX_LENGTH = 64
+# The largest value the integer id columns hold on PostgreSQL.
+MAX_ID = 2**31 - 1
 
 
 def utcnow() -> datetime:

@@ -52,6 +52,10 @@ _OPEN_TO_UNCONFIRMED = {"static", "main.healthz"}
 @bp.before_app_request
 async def load_account() -> ResponseReturnValue | None:
     g.account = None
+    # The JSON API authenticates with bearer tokens alone, so a login cookie
+    # neither identifies the caller there nor redirects an unconfirmed one.
+    if request.path.startswith("/api/"):
+        return None
     if request.endpoint == "static" or not await current_user.is_authenticated:
         return None
 
@@ -72,7 +76,7 @@ async def load_account() -> ResponseReturnValue | None:
 
     if (
         not account.confirmed
-        and request.blueprint not in ("auth", "dev")
+        and request.blueprint not in ("auth", "dev", "docs")
         and request.endpoint not in _OPEN_TO_UNCONFIRMED
     ):
         return redirect(url_for("auth.unconfirmed"))

@@ -2,9 +2,11 @@ import logging
 
 from quart import Blueprint, render_template
 from quart.typing import ResponseReturnValue
+from quart_schema import document_response, tag
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from quart_app.api.schemas import HealthResponse
 from quart_app.db import describe_error, get_session
 from quart_app.outbox import outbox_stats
 
@@ -18,7 +20,11 @@ async def index() -> ResponseReturnValue:
 
 
 @bp.get("/healthz")
+@tag(["health"])
+@document_response(HealthResponse, 200)
+@document_response(HealthResponse, 503)
 async def healthz() -> ResponseReturnValue:
+    """Report whether the database responds, with the outbox counts."""
     session = get_session()
     try:
         await session.execute(text("SELECT 1"))

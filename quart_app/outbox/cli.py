@@ -13,7 +13,9 @@ from sqlalchemy import func, select
 
 from quart_app.db import get_session, session_scope
 from quart_app.email import send_email
-from quart_app.models import OutboxMessage, OutboxStatus, utcnow
+from quart_app.errors import OutboxMessageNotFailed, OutboxMessageNotFound
+from quart_app.models import OutboxMessage, OutboxStatus
+from quart_app.outbox import retry_message
 from quart_app.outbox.delivery import Outbox, outbox_stats
 
 outbox_cli = click.Group("outbox", help="Inspect and deliver the email outbox.")
@@ -114,34 +116,18 @@ def send_pending_command(once: bool) -> None:
 @outbox_cli.command("retry")
 @click.argument("message_id", type=click.IntRange(1, 2**31 - 1))
 def retry_command(message_id: int) -> None:
-    """Queue failed message MESSAGE_ID for delivery again."""
+    """Queue failed message MESSAGE_ID for delivery again, and send it now."""
 
-    async def work(_app: Quart) -> str:
+    async def work(_app: Quart) -> None:
         async with session_scope() as session:
-            return await retry_message(session=session, message_id=message_id)
+            await retry_message(session=session, message_id=message_id)
+            await session.commit()
 
-    outcome = _run(work)
-    click.echo(outcome)
-    if not outcome.startswith("queued"):
-        raise SystemExit(1)
-
-
-async def retry_message(*, session: Any, message_id: int) -> str:
-    """Move a failed row back to pending with a fresh count of attempts.
-
-    Returns a sentence that starts with "queued" on success and otherwise
-    explains why nothing changed.
-    """
-    row = await session.get(OutboxMessage, message_id)
-    if row is None:
-        return f"outbox message {message_id} not found"
-    if row.status != OutboxStatus.FAILED.value:
-        return f"outbox message {message_id} is {row.status}, not failed"
-    row.status = OutboxStatus.PENDING.value
-    row.attempts = 0
-    row.next_attempt_at = utcnow()
-    await session.commit()
-    return f"queued outbox message {message_id} for delivery"
+    try:
+        _run(work)
+    except (OutboxMessageNotFound, OutboxMessageNotFailed) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"queued outbox message {message_id} for delivery")
 
 
 @click.command("send-test-email")
