@@ -27,9 +27,8 @@ STATUSES = [status.value for status in OutboxStatus]
 
 @bp.before_request
 async def require_administrator() -> ResponseReturnValue | None:
-    # An unconfirmed account never gets here: load_account sends it to
-    # /auth/unconfirmed first, so the APP_ADMIN role counts only once the
-    # address is proven.
+    # load_account sends an unconfirmed account to /auth/unconfirmed before it
+    # gets here, and `is_administrator` requires a confirmed address as well.
     account: User | None = g.account
     if account is None:
         return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))

@@ -23,7 +23,7 @@ from quart_app.api.errors import ApiError
 from quart_app.api.tokens import load_token_user
 from quart_app.db import get_session
 from quart_app.errors import TokenExpired, TokenInvalid
-from quart_app.models import User
+from quart_app.models import Role, User
 
 View = TypeVar("View", bound=Callable[..., Awaitable[Any]])
 
@@ -129,12 +129,14 @@ def _invalid_token(error: str, detail: str) -> ApiError:
 
 
 def _check_administrator(user: User) -> None:
-    if not user.is_administrator:
+    if user.is_administrator:
+        return
+    if user.role != Role.ADMINISTRATOR.value:
         raise ApiError(403, "forbidden", "Only an administrator may use this route.")
-    if not user.confirmed:
-        raise ApiError(
-            403,
-            "unconfirmed",
-            "Confirm your email address before using this route: POST "
-            "/api/users/me/confirmation sends a new link.",
-        )
+    # The role counts only once the address is confirmed.
+    raise ApiError(
+        403,
+        "unconfirmed",
+        "Confirm your email address before using this route: POST "
+        "/api/users/me/confirmation sends a new link.",
+    )
