@@ -10,8 +10,9 @@ from email_validator import EmailNotValidError, validate_email
 from quart import Quart
 from quart.cli import ScriptInfo
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
-from quart_app.db import get_session, session_scope
+from quart_app.db import describe_error, get_session, session_scope
 from quart_app.email import send_email
 from quart_app.errors import OutboxMessageNotFailed, OutboxMessageNotFound
 from quart_app.models import OutboxMessage, OutboxStatus
@@ -39,7 +40,13 @@ def _run(work: Callable[[Quart], Awaitable[Any]], *, deliver_loop: bool = False)
         finally:
             await app.shutdown()
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except (SQLAlchemyError, OSError) as error:
+        raise click.ClickException(
+            f"the database failed: {describe_error(error)}. If its tables are "
+            "missing, run `alembic upgrade head` first."
+        ) from None
 
 
 @outbox_cli.command("status")
@@ -135,9 +142,15 @@ def retry_command(message_id: int) -> None:
 def send_test_email_command(address: str) -> None:
     """Send a test email to ADDRESS through the relay and report what happened."""
     try:
-        address = validate_email(address, check_deliverability=False).normalized
+        # As at signup, the part before the @ must be ASCII, because anything
+        # else needs SMTPUTF8, which many relays lack.
+        valid = validate_email(
+            address, check_deliverability=False, allow_smtputf8=False
+        )
     except EmailNotValidError as error:
         raise click.BadParameter(str(error), param_hint="ADDRESS") from None
+    # A non-ASCII domain is sent in its ASCII (IDNA) form.
+    address = valid.ascii_email or valid.normalized
 
     async def work(app: Quart) -> OutboxMessage | None:
         row = await send_email(address, "Test email", "email/test")

@@ -105,6 +105,10 @@ class Outbox:
         self.send_time_limit: float = config["OUTBOX_LEASE"] / 2
         self.poll_interval: float = config["OUTBOX_POLL_INTERVAL"]
         self.pool: SMTPPool | None = None
+        # Whether this process ran the delivery loop or claimed a row, and so
+        # has pending counts to report or leases to release at shutdown.
+        self.ran_loop = False
+        self.claimed_any = False
 
     async def open(self, smtp_options: dict[str, Any] | None) -> None:
         """Prepare the connection pool; with no relay configured, nothing is sent."""
@@ -130,6 +134,8 @@ class Outbox:
         if self.pool is not None:
             await self.pool.close()
             self.pool = None
+        if not (self.ran_loop or self.claimed_any):
+            return
         try:
             async with session_scope() as session:
                 released = await self._release_leases(session)
@@ -143,7 +149,7 @@ class Outbox:
             logger.warning(
                 "Shutdown interrupted %d outbox sends; they are pending again", released
             )
-        if pending:
+        if pending and self.ran_loop:
             logger.info("%d outbox messages are pending for the next start", pending)
 
     async def deliver(self, ids: list[int]) -> None:
@@ -185,6 +191,7 @@ class Outbox:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver due rows every OUTBOX_POLL_INTERVAL seconds until `stop` is set."""
+        self.ran_loop = True
         logger.info(
             "Outbox delivery loop started (worker %s, every %.1f s)",
             self.worker_id,
@@ -306,6 +313,7 @@ class Outbox:
         await session.commit()
         if _rowcount(result) != 1:
             return None
+        self.claimed_any = True
         row = await session.get(OutboxMessage, id_, populate_existing=True)
         if row is None or row.lease_token != token:
             return None
