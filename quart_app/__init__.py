@@ -22,6 +22,7 @@ from quart_app.config import (
 from quart_app.dev import bp as dev_bp, init_app as init_dev_mailbox
 from quart_app.errors import ConfigError
 from quart_app.main import bp as main_bp
+from quart_app.models import normalize_email
 from quart_app.outbox.cli import init_app as init_cli
 
 __all__ = ("create_app",)
@@ -93,6 +94,9 @@ def _configure(app: Quart, settings: Settings, instance_path: Path) -> None:
 
     production = settings.APP_ENV == "production"
     config["SECRET_KEY"] = resolve_secret_key(settings, instance_path)
+    # Stored as account addresses are, so `User.role` can compare the two.
+    if settings.APP_ADMIN is not None:
+        config["APP_ADMIN"] = normalize_email(settings.APP_ADMIN)
     config["DATABASE_URL"] = resolve_database_url(settings, instance_path)
     config["MAIL_PORT"] = settings.mail_port
     config["APP_BASE_URL"] = settings.APP_BASE_URL or DEVELOPMENT_BASE_URL

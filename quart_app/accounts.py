@@ -94,7 +94,6 @@ async def register_user(
             email=email,
             username=username,
             password_hash=password_hash,
-            admin_email=current_app.config["APP_ADMIN"],
         )
     except IntegrityError:
         await _roll_back(session)

@@ -6,6 +6,7 @@ from enum import StrEnum
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
+from quart import current_app
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -94,7 +95,6 @@ class User(Base):
     username_key: Mapped[str] = mapped_column(String(USERNAME_MAX_LENGTH), unique=True)
     password_hash: Mapped[str] = mapped_column(String(255))
     confirmed: Mapped[bool] = mapped_column(Boolean, default=False)
-    role: Mapped[str] = mapped_column(String(32), default=Role.USER.value)
     member_since: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # When the last confirmation email was queued, to limit how often a user
@@ -108,13 +108,24 @@ class User(Base):
     email_change_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     @property
+    def role(self) -> Role:
+        """Administrator for the APP_ADMIN address, User for every other one.
+
+        The role follows the current address and setting, so an account that
+        moves away from the APP_ADMIN address loses it at once, and a change of
+        APP_ADMIN gives it to the account that has the new address.
+        """
+        admin: str | None = current_app.config["APP_ADMIN"]
+        return Role.ADMINISTRATOR if self.email == admin else Role.USER
+
+    @property
     def is_administrator(self) -> bool:
         """Whether the user has the Administrator role and a confirmed address.
 
-        APP_ADMIN gets the role at signup, before anyone has shown control of
-        the address, so someone else who signs up with it first gains nothing.
+        Anyone can sign up with the APP_ADMIN address, so the role counts only
+        once its confirmation link, sent to that address, has been opened.
         """
-        return self.role == Role.ADMINISTRATOR.value and self.confirmed
+        return self.confirmed and self.role is Role.ADMINISTRATOR
 
     @property
     def auth_id(self) -> str:
@@ -191,15 +202,9 @@ async def create_user(
     email: str,
     username: str,
     password_hash: str,
-    admin_email: str | None,
 ) -> User:
-    """Add a user to `session` and flush it so it has an id; the caller commits.
-
-    The user whose address equals APP_ADMIN (`admin_email`) gets the
-    Administrator role.
-    """
+    """Add a user to `session` and flush it so it has an id; the caller commits."""
     email = normalize_email(email)
-    is_admin = admin_email is not None and email == normalize_email(admin_email)
     now = utcnow()
     user = User(
         email=email,
@@ -207,7 +212,6 @@ async def create_user(
         username_key=username.lower(),
         password_hash=password_hash,
         confirmed=False,
-        role=(Role.ADMINISTRATOR if is_admin else Role.USER).value,
         member_since=now,
         last_seen=now,
         confirmation_sent_at=now,

@@ -51,10 +51,11 @@ async def _register(
 async def test_register_user_queues_both_emails(app: Quart, relay: Relay) -> None:
     async with _session(app) as session:
         user = await _register(session, email=" Admin@Example.COM ")
+        role = user.role
     subjects = sorted(message["Subject"] for message in relay.messages)
     assert subjects == ["[Quart App] Confirm Your Account", "[Quart App] New User"]
     assert user.email == ADMIN_EMAIL
-    assert user.role == Role.ADMINISTRATOR.value
+    assert role is Role.ADMINISTRATOR
     assert not user.confirmed
 
 
@@ -347,3 +348,45 @@ async def test_release_connection_ends_read(app: Quart, relay: Relay) -> None:
         username = user.username
     assert ended
     assert username == "alice"
+
+
+async def test_admin_role_left_behind_on_move(app: Quart, relay: Relay) -> None:
+    # Someone signs up with the APP_ADMIN address before its owner, then moves
+    # to an address of their own, which confirms the account.
+    async with _session(app) as session:
+        user = await _register(session, email=ADMIN_EMAIL, username="squatter")
+        await accounts.request_email_change(
+            session=session,
+            user=user,
+            new_email="eve@attacker.example",
+            password=PASSWORD,
+        )
+        await session.commit()
+        message = await next_message_about(relay, "Confirm Your Email Address")
+        token = link_to(message, "/auth/change-email/").rsplit("/", 1)[1]
+        moved = await accounts.change_email(session=session, token=token)
+        await session.commit()
+        role = moved.role
+        administrator = moved.is_administrator
+    assert moved.confirmed
+    assert role is Role.USER
+    assert not administrator
+
+
+async def test_admin_role_follows_setting(
+    database_url: str, relay: Relay, tmp_path: Path
+) -> None:
+    first = make_app(database_url, relay.port, tmp_path)
+    async with _session(first) as session:
+        user = await _register(session, email="carol@example.com", username="carol")
+        user.confirmed = True
+        await session.commit()
+        before = user.is_administrator
+
+    second = make_app(database_url, relay.port, tmp_path, APP_ADMIN="Carol@Example.com")
+    async with _session(second) as session:
+        reloaded = await session.get(User, user.id)
+        assert reloaded is not None
+        after = reloaded.is_administrator
+    assert not before
+    assert after

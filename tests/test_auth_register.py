@@ -73,7 +73,8 @@ async def test_signup_confirm_login_flow(app: Quart, relay: Relay) -> None:
     user = await _user(app, "alice@example.com")
     assert user is not None
     assert user.confirmed
-    assert user.role == Role.USER.value
+    async with app.app_context():
+        assert user.role is Role.USER
 
 
 async def test_register_returns_while_relay_holds(app: Quart, relay: Relay) -> None:
@@ -97,11 +98,12 @@ async def test_register_admin_gets_role(app: Quart, relay: Relay) -> None:
         assert response.status_code == 302
     user = await _user(app, ADMIN_EMAIL)
     assert user is not None
-    assert user.role == Role.ADMINISTRATOR.value
-    # The role counts only once the address is confirmed.
-    assert not user.is_administrator
-    user.confirmed = True
-    assert user.is_administrator
+    async with app.app_context():
+        assert user.role is Role.ADMINISTRATOR
+        # The role counts only once the address is confirmed.
+        assert not user.is_administrator
+        user.confirmed = True
+        assert user.is_administrator
 
 
 @pytest.mark.parametrize(
