@@ -231,7 +231,9 @@ async def find_user_by_email(*, session: AsyncSession, email: str) -> User | Non
 async def find_user_by_auth_id(*, session: AsyncSession, auth_id: str) -> User | None:
     """Return the user that a login cookie names, or None if it no longer matches."""
     user_id, _, _ = auth_id.partition(":")
-    if not user_id.isdigit():
+    # Ids are 32-bit integers in the database, and PostgreSQL rejects a larger
+    # value with an error instead of finding no row.
+    if not (user_id.isascii() and user_id.isdecimal()) or int(user_id) >= 2**31:
         return None
     user = await session.get(User, int(user_id))
     if user is None or user.auth_id != auth_id:

@@ -39,6 +39,15 @@ async def test_outbox_page_anonymous_to_login(client: QuartClient) -> None:
     )
 
 
+async def test_retry_anonymous_to_login_then_page(client: QuartClient) -> None:
+    # The login sends the browser to `next` with a GET, which the retry route
+    # would answer with 405.
+    response = await client.post("/admin/outbox/1/retry")
+
+    assert response.status_code == 302
+    assert response.headers["Location"] == "/auth/login?next=/admin/outbox"
+
+
 async def test_outbox_page_user_forbidden(client: QuartClient, relay: Relay) -> None:
     await signup(client, relay)
     await login(client)

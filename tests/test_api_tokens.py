@@ -80,6 +80,8 @@ async def test_token_issued_to_unconfirmed_user(
             {"Authorization": "Basic " + base64.b64encode(b"\xff\xfe:x").decode()},
             "unauthorized",
         ),
+        ({"Authorization": "Basic \u00fc"}, "unauthorized"),
+        ({"Authorization": "Basic abc\u00e9"}, "unauthorized"),
         ({"Authorization": "Bearer something"}, "unauthorized"),
         ({"Authorization": "Digest username=alice"}, "unauthorized"),
         (
@@ -265,3 +267,18 @@ def test_api_token_max_age_invalid(monkeypatch: pytest.MonkeyPatch, value: str) 
     with pytest.raises(ConfigError) as caught:
         load_settings()
     assert str(caught.value).startswith("Invalid setting API_TOKEN_MAX_AGE=")
+
+
+@pytest.mark.parametrize("user_id", [2**31, 99_999_999_999])
+async def test_me_token_for_huge_id_rejected(
+    client: QuartClient, relay: Relay, user_id: int
+) -> None:
+    # Only a holder of SECRET_KEY could sign such a token, but it must still
+    # get a 401 and not reach the database with an id out of range.
+    async with client.app.app_context():
+        token = issue_token(User(id=user_id, password_hash="x")).token
+
+    response = await client.get("/api/users/me", headers=bearer(token))
+
+    assert response.status_code == 401
+    assert (await response.get_json())["error"] == "invalid_token"

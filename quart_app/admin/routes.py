@@ -31,7 +31,13 @@ async def require_administrator() -> ResponseReturnValue | None:
     # gets here, and `is_administrator` requires a confirmed address as well.
     account: User | None = g.account
     if account is None:
-        return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
+        # After the login the browser GETs `next`, which the retry route does
+        # not answer, so a POST comes back to the outbox page instead.
+        if request.method == "GET":
+            target = request.full_path.rstrip("?")
+        else:
+            target = url_for("admin.outbox")
+        return redirect(url_for("auth.login", next=target))
     if not account.is_administrator:
         abort(403, "Only an administrator may open this page.")
     return None

@@ -78,7 +78,8 @@ def basic_credentials() -> tuple[str, str]:
         )
     try:
         decoded = base64.b64decode(encoded.strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    # b64decode raises a plain ValueError for a str with non-ASCII characters.
+    except (binascii.Error, UnicodeDecodeError, ValueError):
         decoded = ""
     email, colon, password = decoded.partition(":")
     if not colon:
