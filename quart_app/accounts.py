@@ -27,7 +27,9 @@ from sqlalchemy.orm import InstrumentedAttribute
 from quart_app.auth.mail import (
     send_confirmation,
     send_email_change,
+    send_email_changed_notice,
     send_new_user_notice,
+    send_password_changed_notice,
     send_password_reset,
 )
 from quart_app.auth.tokens import Purpose, generate_token, load_token
@@ -104,8 +106,8 @@ async def register_user(
             raise
         raise DuplicateUser(duplicate) from None
 
-    await send_confirmation(user)
-    await send_new_user_notice(user)
+    await send_confirmation(user, session=session)
+    await send_new_user_notice(user, session=session)
     return user
 
 
@@ -169,7 +171,7 @@ async def resend_confirmation(*, session: AsyncSession, user: User) -> bool:
         interval=current_app.config["CONFIRMATION_RESEND_INTERVAL"],
     )
     if claimed:
-        await send_confirmation(user)
+        await send_confirmation(user, session=session)
     return claimed
 
 
@@ -202,7 +204,7 @@ async def request_password_reset(*, session: AsyncSession, email: str) -> None:
                 "password": user.password_fingerprint,
             },
         )
-        await send_password_reset(user, token)
+        await send_password_reset(user, token, session=session)
 
 
 async def verify_reset_token(*, session: AsyncSession, token: str) -> User:
@@ -230,7 +232,8 @@ async def reset_password(*, session: AsyncSession, token: str, password: str) ->
 
     The account is confirmed too, because the link proves control of its
     address. The new password changes `User.auth_id`, which ends every login of
-    the account, and makes the link invalid.
+    the account, and makes the link invalid. The account's address is told of
+    the change.
 
     Raises:
         TokenExpired: the link is older than TOKEN_MAX_AGE.
@@ -253,6 +256,7 @@ async def reset_password(*, session: AsyncSession, token: str, password: str) ->
     if cast(CursorResult[Any], result).rowcount != 1:
         raise TokenInvalid("The password reset link was used already.")
     await session.refresh(user)
+    await send_password_changed_notice(user, session=session)
     return user
 
 
@@ -264,13 +268,14 @@ async def change_password(
     Returns False, changing nothing, when `old_password` is wrong. The new
     password changes `User.auth_id`, so it ends the account's other logins. A
     caller that wants to keep the current login logs it in again with the new
-    `auth_id` after the commit.
+    `auth_id` after the commit. The account's address is told of the change.
     """
     await release_connection(session)
     if not await verify_password(user.password_hash, old_password):
         return False
 
     user.password_hash = await hash_password(password)
+    await send_password_changed_notice(user, session=session)
     return True
 
 
@@ -308,9 +313,12 @@ async def request_email_change(
                 "change_email": user.id,
                 "old_email": _address_digest(user.email),
                 "new_email": new_email,
+                # A password change, say by an owner who noticed an intruder,
+                # voids the links that the intruder requested before it.
+                "password": user.password_fingerprint,
             },
         )
-        await send_email_change(user, new_email, token)
+        await send_email_change(user, new_email, token, session=session)
     return claimed
 
 
@@ -318,8 +326,9 @@ async def change_email(*, session: AsyncSession, token: str) -> User:
     """Apply an address change through a link from a "Confirm Your Email Address" email.
 
     The account is confirmed too, because the link proves control of the new
-    address. A link stops working once the account's address changes, through
-    this link or any other way.
+    address. A link stops working once the account's address or password
+    changes, through this link or any other way. The old address is told of
+    the change.
 
     Raises:
         TokenExpired: the link is older than TOKEN_MAX_AGE.
@@ -338,11 +347,13 @@ async def change_email(*, session: AsyncSession, token: str) -> User:
         user is None
         or not isinstance(new_email, str)
         or _address_digest(user.email) != payload.get("old_email")
+        or user.password_fingerprint != payload.get("password")
     ):
         raise TokenInvalid("The email change link was used already or is outdated.")
     if await email_taken(session=session, email=new_email):
         raise DuplicateUser("email")
 
+    old_email = user.email
     user.email = new_email
     user.confirmed = True
     try:
@@ -350,6 +361,7 @@ async def change_email(*, session: AsyncSession, token: str) -> User:
     except IntegrityError:
         await _roll_back(session)
         raise DuplicateUser("email") from None
+    await send_email_changed_notice(user, old_email, session=session)
     return user
 
 

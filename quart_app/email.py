@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from quart import Quart, current_app, render_template
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from quart_app.db import get_session
 from quart_app.models import OutboxMessage
@@ -21,9 +22,16 @@ from quart_app.outbox import enqueue
 
 
 async def send_email(
-    to: str, subject: str, template: str, **context: Any
+    to: str,
+    subject: str,
+    template: str,
+    *,
+    session: AsyncSession | None = None,
+    **context: Any,
 ) -> OutboxMessage:
-    """Render `template` and queue it for `to` in the current database session.
+    """Render `template` and queue it for `to` in `session`'s transaction.
+
+    `session` is the request's database session unless given.
 
     `template` names a pair of templates without extension, such as
     ``"email/confirm"``: ``email/confirm.txt`` becomes the text/plain part and
@@ -45,7 +53,7 @@ async def send_email(
     user_id = getattr(user, "id", None)
     return await enqueue(
         message,
-        session=get_session(),
+        session=session if session is not None else get_session(),
         user_id=user_id if isinstance(user_id, int) else None,
     )
 

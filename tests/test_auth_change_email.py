@@ -100,6 +100,47 @@ async def test_change_email_flow_end_to_end(app: Quart, relay: Relay) -> None:
     assert await _emails(app) == [NEW_EMAIL]
 
 
+async def test_change_email_old_address_told(app: Quart, relay: Relay) -> None:
+    async with serving(app) as client:
+        await sign_up(client, relay)
+        await _request_change(client)
+        assert (
+            await client.get(_change_path(await _change_message(relay)))
+        ).status_code == 200
+        notice = await next_message_about(relay, "Your Email Address Was Changed")
+    text, html = parts_of(notice)
+    assert notice["To"] == "alice@example.com"
+    assert "from alice@example.com to alice.new@example.com" in text
+    assert "<b>alice.new@example.com</b>" in html
+
+
+async def test_change_email_link_void_after_password_change(
+    app: Quart, relay: Relay
+) -> None:
+    # Someone who knew the password for a while requests a move; the owner
+    # notices and changes the password, which must void that link.
+    async with serving(app) as client:
+        await sign_up(client, relay)
+        await _request_change(client, email="intruder@example.com")
+        path = _change_path(await _change_message(relay))
+        token = await csrf_token(client, "/auth/change-password")
+        changed = await client.post(
+            "/auth/change-password",
+            form={
+                "csrf_token": token,
+                "old_password": PASSWORD,
+                "password": "the owner's new passphrase",
+                "password2": "the owner's new passphrase",
+            },
+        )
+        assert changed.status_code == 302
+    async with serving(app) as intruder:
+        response = await intruder.get(path)
+        assert response.status_code == 400
+        assert "This link is not valid" in await page_text(response)
+    assert await _emails(app) == ["alice@example.com"]
+
+
 async def test_change_email_link_logged_out(app: Quart, relay: Relay) -> None:
     async with serving(app) as client:
         await sign_up(client, relay)

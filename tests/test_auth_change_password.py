@@ -5,12 +5,15 @@ from quart import Quart
 from quart.testing import QuartClient
 
 from tests.conftest import (
+    BASE_URL,
     PASSWORD,
     Relay,
     csrf_token,
     fetch_users,
     login,
+    next_message_about,
     page_text,
+    parts_of,
     serving,
     sign_up,
 )
@@ -65,6 +68,19 @@ async def test_change_password_keeps_this_login(app: Quart, relay: Relay) -> Non
 
     assert not await _logs_in(app, PASSWORD)
     assert await _logs_in(app, NEW_PASSWORD)
+
+
+async def test_change_password_notice_sent(app: Quart, relay: Relay) -> None:
+    async with serving(app) as client:
+        await sign_up(client, relay)
+        assert (await _change_password(client)).status_code == 302
+        notice = await next_message_about(relay, "Your Password Was Changed")
+    text, html = parts_of(notice)
+    assert notice["To"] == "alice@example.com"
+    assert f"{BASE_URL}/auth/reset" in text
+    assert f'href="{BASE_URL}/auth/reset"' in html
+    assert NEW_PASSWORD not in text
+    assert NEW_PASSWORD not in html
 
 
 async def test_change_password_wrong_old_password(app: Quart, relay: Relay) -> None:

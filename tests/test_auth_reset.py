@@ -141,6 +141,8 @@ async def test_reset_flow_end_to_end(app: Quart, relay: Relay) -> None:
         new = await login(client, password=NEW_PASSWORD)
         assert new.status_code == 302
         assert new.headers["Location"] == "/"
+        notice = await next_message_about(relay, "Your Password Was Changed")
+        assert notice["To"] == "alice@example.com"
 
     [user] = await fetch_users(app)
     # The link proved control of the address, so the account is confirmed.

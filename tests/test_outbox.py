@@ -12,6 +12,7 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from quart_app import accounts
+from quart_app.auth.mail import send_confirmation
 from quart_app.db import create_engine, get_session
 from quart_app.models import OutboxMessage, create_user, utcnow
 from quart_app.outbox import Outbox, classify, enqueue
@@ -59,11 +60,8 @@ async def test_rolled_back_signup_sends_nothing(app: Quart, relay: Relay) -> Non
                 email="alice@example.com",
                 username="alice",
                 password_hash="x",
-                admin_email=None,
             )
-            from quart_app.auth.mail import send_confirmation
-
-            await send_confirmation(user)
+            await send_confirmation(user, session=session)
             await session.rollback()
     assert await fetch_outbox(app) == []
     assert relay.messages == []
