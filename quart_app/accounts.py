@@ -14,11 +14,12 @@ thread keeps no pooled database connection.
 """
 
 import hashlib
+import math
 from datetime import datetime, timedelta
 from typing import Any, cast
 
 from quart import current_app
-from sqlalchemy import or_, update
+from sqlalchemy import case, or_, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -33,8 +34,13 @@ from quart_app.auth.mail import (
     send_password_reset,
 )
 from quart_app.auth.tokens import Purpose, generate_token, load_token
-from quart_app.db import release_connection
-from quart_app.errors import DuplicateUser, IncorrectPassword, TokenInvalid
+from quart_app.db import release_connection, session_scope
+from quart_app.errors import (
+    DuplicateUser,
+    IncorrectPassword,
+    LoginThrottled,
+    TokenInvalid,
+)
 from quart_app.models import (
     User,
     create_user,
@@ -116,17 +122,34 @@ async def authenticate(
 ) -> User | None:
     """Return the user with this address and password, or None.
 
+    After LOGIN_MAX_FAILURES failed logins in a row, each less than LOGIN_LOCKOUT
+    seconds after the one before, the account's password is not checked until
+    LOGIN_LOCKOUT seconds after the last one. A successful login or a password
+    reset starts the count again.
+
     An unknown address still costs one password check, against a dummy hash, so
     the response time does not reveal which addresses are registered. A hash made
     with older argon2 parameters is replaced by a new one in `session`, which
     changes `User.auth_id` and so ends the user's other logins.
+
+    Raises:
+        LoginThrottled: the account is locked out for now; `retry_after` says
+            for how many more seconds.
     """
     user = await find_user_by_email(session=session, email=email)
+    if user is not None:
+        _check_login_allowed(user)
     await release_connection(session)
     matched = await verify_password(user.password_hash if user else None, password)
-    if user is None or not matched:
+    if user is None:
+        return None
+    if not matched:
+        await _record_failed_login(user)
         return None
 
+    if user.failed_logins:
+        user.failed_logins = 0
+        user.last_failed_login_at = None
     if needs_rehash(user.password_hash):
         user.password_hash = await hash_password(password)
     return user
@@ -250,7 +273,12 @@ async def reset_password(*, session: AsyncSession, token: str, password: str) ->
     result = await session.execute(
         update(User)
         .where(User.id == user.id, User.password_hash == old_hash)
-        .values(password_hash=new_hash, confirmed=True)
+        .values(
+            password_hash=new_hash,
+            confirmed=True,
+            failed_logins=0,
+            last_failed_login_at=None,
+        )
         .execution_options(synchronize_session=False)
     )
     if cast(CursorResult[Any], result).rowcount != 1:
@@ -363,6 +391,41 @@ async def change_email(*, session: AsyncSession, token: str) -> User:
         raise DuplicateUser("email") from None
     await send_email_changed_notice(user, old_email, session=session)
     return user
+
+
+def _check_login_allowed(user: User) -> None:
+    config = current_app.config
+    last_failed = user.last_failed_login_at
+    if user.failed_logins < config["LOGIN_MAX_FAILURES"] or last_failed is None:
+        return
+    unlocks_at = last_failed + timedelta(seconds=config["LOGIN_LOCKOUT"])
+    remaining = (unlocks_at - utcnow()).total_seconds()
+    if remaining > 0:
+        raise LoginThrottled(math.ceil(remaining))
+
+
+async def _record_failed_login(user: User) -> None:
+    # In a transaction of its own, so the failure counts although the caller
+    # commits nothing after a failed login.
+    now = utcnow()
+    window_start = now - timedelta(seconds=current_app.config["LOGIN_LOCKOUT"])
+    async with session_scope() as session:
+        await session.execute(
+            update(User)
+            .where(User.id == user.id)
+            .values(
+                failed_logins=case(
+                    (
+                        User.last_failed_login_at > window_start,
+                        User.failed_logins + 1,
+                    ),
+                    else_=1,
+                ),
+                last_failed_login_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        await session.commit()
 
 
 async def _duplicate_field(

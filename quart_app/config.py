@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     CONFIRMATION_RESEND_INTERVAL: int = Field(60, ge=0, le=_DAY)
     PASSWORD_RESET_INTERVAL: int = Field(60, ge=0, le=_DAY)
     EMAIL_CHANGE_INTERVAL: int = Field(60, ge=0, le=_DAY)
+    LOGIN_MAX_FAILURES: int = Field(10, ge=1, le=1000)
+    LOGIN_LOCKOUT: int = Field(15 * 60, gt=0, le=_DAY)
 
     MAIL_SERVER: Annotated[str | None, BeforeValidator(_empty_as_none)] = None
     MAIL_PORT: Annotated[int | None, BeforeValidator(_empty_as_none)] = Field(

@@ -41,6 +41,19 @@ class IncorrectPassword(AppError):
     """The password given to confirm a change does not match the account's."""
 
 
+class LoginThrottled(AppError):
+    """The account had too many failed logins, so no password is checked for now."""
+
+    def __init__(self, retry_after: int) -> None:
+        minutes = max(1, round(retry_after / 60))
+        super().__init__(
+            "Too many failed logins for this account. Try again in about "
+            f"{minutes} minute{'s' if minutes != 1 else ''}, or reset the password."
+        )
+        # Seconds until the next login attempt is checked.
+        self.retry_after = retry_after
+
+
 class OutboxMessageNotFound(AppError):
     """No outbox row has the given id."""
 

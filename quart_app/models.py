@@ -106,6 +106,10 @@ class User(Base):
     # When the last email to confirm a new address was queued, to limit how
     # often the account can have the app mail an address of its choice.
     email_change_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Failed logins since the last successful one, and when the last failed, so
+    # that guessing the password is stopped after LOGIN_MAX_FAILURES attempts.
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_failed_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     @property
     def role(self) -> Role:
@@ -215,6 +219,7 @@ async def create_user(
         member_since=now,
         last_seen=now,
         confirmation_sent_at=now,
+        failed_logins=0,
     )
     session.add(user)
     await session.flush()
@@ -233,7 +238,7 @@ async def find_user_by_auth_id(*, session: AsyncSession, auth_id: str) -> User |
     user_id, _, _ = auth_id.partition(":")
     # Ids are 32-bit integers in the database, and PostgreSQL rejects a larger
     # value with an error instead of finding no row.
-    if not (user_id.isascii() and user_id.isdecimal()) or int(user_id) >= 2**31:
+    if not (user_id.isascii() and user_id.isdecimal()) or int(user_id) > MAX_ID:
         return None
     user = await session.get(User, int(user_id))
     if user is None or user.auth_id != auth_id:

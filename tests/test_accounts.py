@@ -16,7 +16,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from quart_app import accounts
 from quart_app.auth.tokens import Purpose, load_token
 from quart_app.db import get_session, release_connection, session_scope
-from quart_app.errors import DuplicateUser, IncorrectPassword, TokenError, TokenInvalid
+from quart_app.errors import (
+    DuplicateUser,
+    IncorrectPassword,
+    LoginThrottled,
+    TokenError,
+    TokenInvalid,
+)
 from quart_app.models import Role, User
 from tests.conftest import (
     ADMIN_EMAIL,
@@ -390,3 +396,33 @@ async def test_admin_role_follows_setting(
         after = reloaded.is_administrator
     assert not before
     assert after
+
+
+async def test_reset_password_ends_lockout(
+    database_url: str, relay: Relay, tmp_path: Path
+) -> None:
+    app = make_app(database_url, relay.port, tmp_path, LOGIN_MAX_FAILURES=1)
+    async with _session(app) as session:
+        await _register(session)
+        wrong = await accounts.authenticate(
+            session=session, email="alice@example.com", password="wrong"
+        )
+        with pytest.raises(LoginThrottled):
+            await accounts.authenticate(
+                session=session, email="alice@example.com", password=PASSWORD
+            )
+        await accounts.request_password_reset(
+            session=session, email="alice@example.com"
+        )
+        await session.commit()
+        message = await next_message_about(relay, "Reset Your Password")
+        token = link_to(message, "/auth/reset/").rsplit("/", 1)[1]
+        await accounts.reset_password(
+            session=session, token=token, password="a new passphrase"
+        )
+        await session.commit()
+        user = await accounts.authenticate(
+            session=session, email="alice@example.com", password="a new passphrase"
+        )
+    assert wrong is None
+    assert user is not None

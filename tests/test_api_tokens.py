@@ -1,6 +1,7 @@
 import base64
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from quart import Quart
@@ -16,7 +17,7 @@ from quart_app.errors import ConfigError
 from quart_app.models import User
 from quart_app.passwords import hash_password
 from tests.api import basic_auth, bearer, get_token, signup
-from tests.conftest import PASSWORD, Relay, fetch_users, login
+from tests.conftest import PASSWORD, Relay, fetch_users, login, make_app, serving
 
 
 async def _issue(app: Quart, user: User, *, issued_at: int | None = None) -> str:
@@ -282,3 +283,27 @@ async def test_me_token_for_huge_id_rejected(
 
     assert response.status_code == 401
     assert (await response.get_json())["error"] == "invalid_token"
+
+
+async def test_token_locked_after_failures(
+    database_url: str, relay: Relay, tmp_path: Path
+) -> None:
+    app = make_app(database_url, relay.port, tmp_path, LOGIN_MAX_FAILURES=2)
+    async with serving(app) as client:
+        await signup(client, relay)
+        wrong = [
+            await client.post(
+                "/api/tokens", headers=basic_auth("alice@example.com", "wrong")
+            )
+            for _ in range(2)
+        ]
+        locked = await client.post(
+            "/api/tokens", headers=basic_auth("alice@example.com", PASSWORD)
+        )
+        body = await locked.get_json()
+
+    assert [response.status_code for response in wrong] == [401, 401]
+    assert locked.status_code == 429
+    assert body["error"] == "too_many_failed_logins"
+    assert "reset the password" in body["detail"]
+    assert 0 < int(locked.headers["Retry-After"]) <= 900

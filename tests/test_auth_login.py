@@ -1,16 +1,21 @@
 import asyncio
 import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from quart import Quart
-from sqlalchemy import event
+from sqlalchemy import event, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from quart_app.db import create_engine
+from quart_app.models import User, utcnow
 from tests.conftest import (
     PASSWORD,
     Relay,
     csrf_token,
+    fetch_users,
     login,
     make_app,
     page_text,
@@ -251,3 +256,101 @@ async def test_login_waiting_for_hash_holds_no_connection(
     assert health.status_code == 200
     assert waiting == logins
     assert [response.status_code for response in responses] == [200] * logins
+
+
+async def _set_last_failure(app: Quart, seconds_ago: int) -> None:
+    engine = create_engine(app.config["DATABASE_URL"])
+    try:
+        async with AsyncSession(engine) as session:
+            await session.execute(
+                update(User).values(
+                    last_failed_login_at=utcnow() - timedelta(seconds=seconds_ago)
+                )
+            )
+            await session.commit()
+    finally:
+        await engine.dispose()
+
+
+async def test_login_locked_after_max_failures(
+    database_url: str, relay: Relay, tmp_path: Path
+) -> None:
+    app = make_app(database_url, relay.port, tmp_path, LOGIN_MAX_FAILURES=3)
+    async with serving(app) as client:
+        await register(client)
+        await client.get("/auth/logout")
+        for _ in range(3):
+            wrong = await login(client, password="wrong password")
+            assert wrong.status_code == 200
+            assert "Invalid email or password." in await page_text(wrong)
+        # Even the right password is not checked while the account is locked.
+        locked = await login(client)
+        locked_page = await page_text(locked)
+    assert locked.status_code == 429
+    assert 0 < int(locked.headers["Retry-After"]) <= 900
+    assert "Too many failed logins for this account" in locked_page
+    assert "about 15 minutes" in locked_page
+    [user] = await fetch_users(app)
+    assert user.failed_logins == 3
+
+
+async def test_login_lockout_ends_after_period(
+    database_url: str, relay: Relay, tmp_path: Path
+) -> None:
+    app = make_app(database_url, relay.port, tmp_path, LOGIN_MAX_FAILURES=2)
+    async with serving(app) as client:
+        await register(client)
+        await client.get("/auth/logout")
+        for _ in range(2):
+            await login(client, password="wrong password")
+        assert (await login(client)).status_code == 429
+        await _set_last_failure(app, seconds_ago=901)
+        response = await login(client)
+    assert response.status_code == 302
+    [user] = await fetch_users(app)
+    assert user.failed_logins == 0
+    assert user.last_failed_login_at is None
+
+
+async def test_login_success_restarts_count(
+    database_url: str, relay: Relay, tmp_path: Path
+) -> None:
+    app = make_app(database_url, relay.port, tmp_path, LOGIN_MAX_FAILURES=3)
+    async with serving(app) as client:
+        await register(client)
+        await client.get("/auth/logout")
+        for _ in range(2):
+            await login(client, password="wrong password")
+        assert (await login(client)).status_code == 302
+        await client.get("/auth/logout")
+        for _ in range(2):
+            await login(client, password="wrong password")
+        response = await login(client)
+    assert response.status_code == 302
+
+
+async def test_login_old_failures_not_counted(
+    database_url: str, relay: Relay, tmp_path: Path
+) -> None:
+    app = make_app(database_url, relay.port, tmp_path, LOGIN_MAX_FAILURES=2)
+    async with serving(app) as client:
+        await register(client)
+        await client.get("/auth/logout")
+        await login(client, password="wrong password")
+        # The next failure comes after the lockout period, so it starts a new run.
+        await _set_last_failure(app, seconds_ago=901)
+        await login(client, password="wrong password")
+        response = await login(client)
+    assert response.status_code == 302
+
+
+async def test_login_unknown_address_never_locked(
+    database_url: str, relay: Relay, tmp_path: Path
+) -> None:
+    app = make_app(database_url, relay.port, tmp_path, LOGIN_MAX_FAILURES=1)
+    async with serving(app) as client:
+        statuses = [
+            (await login(client, email="nobody@example.com")).status_code
+            for _ in range(3)
+        ]
+    assert statuses == [200, 200, 200]

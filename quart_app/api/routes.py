@@ -47,6 +47,7 @@ from quart_app.api.validation import validate_json
 from quart_app.db import get_session
 from quart_app.errors import (
     DuplicateUser,
+    LoginThrottled,
     OutboxMessageNotFailed,
     OutboxMessageNotFound,
     TokenExpired,
@@ -71,22 +72,32 @@ async def _invalid_request(error: RequestSchemaValidationError) -> ResponseRetur
 @security_scheme([{BASIC_SCHEME: []}])
 @validate_response(TokenResponse)
 @document_response(ErrorResponse, 401)
+@document_response(ErrorResponse, 429)
 async def create_token() -> ApiResponse:
     """Get a bearer token with your email address and password.
 
     Send them with HTTP Basic authentication. The token authenticates the other
     routes until `expires_at`, or until the password changes. Unconfirmed users
     get a token too, so they can read their account and ask for a new
-    confirmation email.
+    confirmation email. After too many failed attempts the route returns 429,
+    with Retry-After, until its lockout ends or the password is reset.
     """
     email, password = basic_credentials()
     session = get_session()
     user = None
     # Over-long values cannot match, so they are not hashed at all.
     if len(email) <= EMAIL_MAX_LENGTH and len(password) <= PASSWORD_MAX_LENGTH:
-        user = await accounts.authenticate(
-            session=session, email=email, password=password
-        )
+        try:
+            user = await accounts.authenticate(
+                session=session, email=email, password=password
+            )
+        except LoginThrottled as error:
+            raise ApiError(
+                429,
+                "too_many_failed_logins",
+                str(error),
+                headers={"Retry-After": str(error.retry_after)},
+            ) from None
     if user is None:
         raise basic_challenge(
             "invalid_credentials", "Invalid email address or password."

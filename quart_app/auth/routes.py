@@ -36,6 +36,7 @@ from quart_app.db import get_session
 from quart_app.errors import (
     DuplicateUser,
     IncorrectPassword,
+    LoginThrottled,
     TokenError,
     TokenExpired,
 )
@@ -105,11 +106,16 @@ async def login() -> ResponseReturnValue:
         return await _render_form("auth/login.html", form)
 
     session = get_session()
-    user = await accounts.authenticate(
-        session=session,
-        email=form.email.data or "",
-        password=form.password.data or "",
-    )
+    try:
+        user = await accounts.authenticate(
+            session=session,
+            email=form.email.data or "",
+            password=form.password.data or "",
+        )
+    except LoginThrottled as error:
+        await flash(str(error), "error")
+        page = await render_template("auth/login.html", form=form)
+        return page, 429, {"Retry-After": str(error.retry_after)}
     if user is None:
         await flash("Invalid email or password.", "error")
         return await _render_form("auth/login.html", form)
