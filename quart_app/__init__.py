@@ -10,7 +10,7 @@ from quart.typing import ResponseReturnValue
 from quart_auth import QuartAuth, Unauthorized
 from werkzeug.exceptions import HTTPException
 
-from quart_app import api, db, email, outbox, passwords
+from quart_app import api, db, email, outbox, passwords, serving
 from quart_app.admin import bp as admin_bp
 from quart_app.auth import bp as auth_bp
 from quart_app.config import (
@@ -57,6 +57,8 @@ def create_app(overrides: dict[str, Any] | None = None) -> Quart:
         ) from None
     app.logger.setLevel(settings.LOG_LEVEL)
 
+    # First, so that its SIGTERM handler also covers the rest of the startup.
+    serving.init_app(app)
     db.init_app(app)
     passwords.init_app(app)
     email.init_app(app)

@@ -60,8 +60,9 @@ def create_engine(url: str) -> AsyncEngine:
 def init_app(app: Quart) -> None:
     """Open the engine when serving starts and dispose of it when serving stops.
 
-    Call it before the other extensions: its opening step then runs first, and
-    its disposal, registered by `dispose_last`, runs after theirs.
+    Call it before the extensions that use the database: its opening step then
+    runs before theirs, and its disposal, registered by `dispose_last`, after
+    theirs.
     """
 
     @app.before_serving

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import re
+import secrets
 import signal
 import sys
 from collections import Counter
@@ -50,6 +51,7 @@ _SENT_LINE = re.compile(r"Outbox (\d+) sent to ")
 # Quart's default log format: "[2026-01-31 12:00:00,000] WARNING in delivery: ...".
 _PROBLEM_LINE = re.compile(r"^\[[^]]+\] (WARNING|ERROR|CRITICAL) in ")
 _CSRF_PATTERN = re.compile(r'name="csrf_token" type="hidden" value="([^"]+)"')
+_SIGTERM_IGNORED = r"SIGTERM ignored in hypercorn worker (\d+)"
 
 
 class Worker:
@@ -85,45 +87,61 @@ class Worker:
         self, pattern: str, within: float = START_TIMEOUT
     ) -> re.Match[str]:
         """Return the match of the first line matching `pattern`, within `within` s."""
+        return (await self.wait_for_lines(pattern, 1, within))[0]
+
+    async def wait_for_lines(
+        self, pattern: str, count: int, within: float = START_TIMEOUT
+    ) -> list[re.Match[str]]:
+        """Return the matches of the first `count` lines matching `pattern`."""
         regex = re.compile(pattern)
 
-        async def scan() -> re.Match[str] | None:
+        async def scan() -> list[re.Match[str]]:
+            matches: list[re.Match[str]] = []
             checked = 0
             async with self._changed:
                 while True:
                     for line in self.lines[checked:]:
                         match = regex.search(line)
                         if match is not None:
-                            return match
+                            matches.append(match)
+                            if len(matches) == count:
+                                return matches
                     checked = len(self.lines)
                     if self._ended:
-                        return None
+                        return matches
                     await self._changed.wait()
 
         try:
-            match = await asyncio.wait_for(scan(), within)
+            matches = await asyncio.wait_for(scan(), within)
         except TimeoutError:
             raise AssertionError(
-                f"{self.name} printed no line matching {pattern!r} within {within} s."
-                f" Output:\n{self.output}"
+                f"{self.name} printed fewer than {count} lines matching {pattern!r} "
+                f"within {within} s. Output:\n{self.output}"
             ) from None
-        if match is None:
+        if len(matches) < count:
             raise AssertionError(
-                f"{self.name} closed its output without a line matching {pattern!r}."
-                f" Output:\n{self.output}"
+                f"{self.name} closed its output after {len(matches)} of {count} lines "
+                f"matching {pattern!r}. Output:\n{self.output}"
             )
-        return match
+        return matches
 
     async def wait(self, within: float = EXIT_TIMEOUT) -> int:
         """Return the exit code once the process has exited and closed its output."""
+
+        async def exited() -> int:
+            code = await self.process.wait()
+            # Children of the process may keep its output open after it exited.
+            # The shield keeps the reader running if the timeout strikes here.
+            await asyncio.shield(self._reader)
+            return code
+
         try:
-            code = await asyncio.wait_for(self.process.wait(), within)
+            return await asyncio.wait_for(exited(), within)
         except TimeoutError:
             raise AssertionError(
-                f"{self.name} did not exit within {within} s. Output:\n{self.output}"
+                f"{self.name} did not exit and close its output within {within} s."
+                f" Output:\n{self.output}"
             ) from None
-        await self._reader
-        return code
 
     async def terminate(self, within: float = EXIT_TIMEOUT) -> int:
         """Send SIGTERM and return the exit code."""
@@ -139,7 +157,9 @@ class Worker:
         return await self.wait()
 
     async def close(self) -> None:
-        if self.process.returncode is None:
+        # A process that exited may have left children holding its output open,
+        # such as hypercorn workers whose main process was killed.
+        if self.process.returncode is None or not self._reader.done():
             await self.kill()
         else:
             await self._reader
@@ -476,6 +496,34 @@ def cookie_header(headers: dict[str, list[str]]) -> str:
     return "; ".join(value.split(";", 1)[0] for value in headers.get("set-cookie", []))
 
 
+async def register_over_http(port: int, username: str) -> int:
+    """Sign up `username`@example.com through the form and return the POST's status."""
+    status, headers, page = await http_request(port, "GET", "/auth/register")
+    assert status == 200
+    token = _CSRF_PATTERN.search(page)
+    assert token is not None, page
+    form = urlencode(
+        {
+            "csrf_token": token.group(1),
+            "email": f"{username}@example.com",
+            "username": username,
+            "password": PASSWORD,
+            "password2": PASSWORD,
+        }
+    ).encode()
+    status, _, page = await http_request(
+        port,
+        "POST",
+        "/auth/register",
+        headers={
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Cookie": cookie_header(headers),
+        },
+        body=form,
+    )
+    return status
+
+
 async def test_served_signup_delivered_once_relay_up(
     database_url: str,
     engine: AsyncEngine,
@@ -497,29 +545,7 @@ async def test_served_signup_delivered_once_relay_up(
     )
     await server.wait_for_line(rf"Running on http://127\.0\.0\.1:{http_port}")
 
-    status, headers, page = await http_request(http_port, "GET", "/auth/register")
-    assert status == 200
-    token = _CSRF_PATTERN.search(page)
-    assert token is not None, page
-    form = urlencode(
-        {
-            "csrf_token": token.group(1),
-            "email": "alice@example.com",
-            "username": "alice",
-            "password": PASSWORD,
-            "password2": PASSWORD,
-        }
-    ).encode()
-    status, _, page = await http_request(
-        http_port,
-        "POST",
-        "/auth/register",
-        headers={
-            "Content-Type": "application/x-www-form-urlencoded",
-            "Cookie": cookie_header(headers),
-        },
-        body=form,
-    )
+    status = await register_over_http(http_port, "alice")
     assert status == 302, server.output
 
     # Nothing listens on the relay port yet, so the send after the commit fails.
@@ -550,3 +576,103 @@ async def test_served_signup_delivered_once_relay_up(
     rows = await outbox_rows(engine)
     assert [row.status for row in rows] == [OutboxStatus.SENT.value]
     assert rows[0].attempts >= 2
+
+
+async def start_hypercorn(
+    start_worker: StartWorker, env: dict[str, str], *, workers: int
+) -> tuple[Worker, int, list[int]]:
+    """Serve the app with hypercorn.toml and `workers` worker processes.
+
+    Returns the server, its port and the process ids of the workers, once every
+    worker is serving.
+    """
+    port = free_port()
+    server = await start_worker(
+        "hypercorn",
+        "-m",
+        "hypercorn",
+        "--config",
+        "hypercorn.toml",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        str(workers),
+        "quart_app:create_app()",
+        env=env,
+    )
+    # hypercorn's log format puts the process id in brackets before the level.
+    running = await server.wait_for_lines(
+        rf"\[(\d+)\] \[INFO\] Running on http://127\.0\.0\.1:{port} ", workers
+    )
+    return server, port, [int(match.group(1)) for match in running]
+
+
+async def test_sigterm_lets_held_send_finish(
+    database_url: str,
+    relay: Relay,
+    engine: AsyncEngine,
+    start_worker: StartWorker,
+    tmp_path: Path,
+) -> None:
+    env = app_environment(
+        database_url,
+        relay.port,
+        tmp_path,
+        # Quart waits this long for the held send at shutdown, far longer than
+        # the test takes to release it.
+        BACKGROUND_TASK_SHUTDOWN_TIMEOUT=20,
+        # The form and its POST may reach different workers, which must share
+        # the key that signs the session and its CSRF token.
+        SECRET_KEY=secrets.token_urlsafe(32),
+    )
+    server, port, worker_pids = await start_hypercorn(start_worker, env, workers=2)
+    relay.hold = True
+    assert await register_over_http(port, "alice") == 302, server.output
+    await asyncio.wait_for(relay.data_started.wait(), MESSAGE_TIMEOUT)
+
+    # The idle worker exits at once. hypercorn's main process then sends SIGTERM
+    # to the worker whose send the relay holds, which has to ignore it.
+    server.process.send_signal(signal.SIGTERM)
+    ignored = await server.wait_for_line(_SIGTERM_IGNORED, within=EXIT_TIMEOUT)
+    relay.release.set()
+    message = await relay.next_message(within=MESSAGE_TIMEOUT)
+    code = await server.wait()
+
+    assert code == 0, server.output
+    assert int(ignored.group(1)) in worker_pids
+    assert message["To"] == "alice@example.com"
+    assert len(relay.messages) == 1
+    rows = await outbox_rows(engine)
+    assert [row.status for row in rows] == [OutboxStatus.SENT.value]
+    assert rows[0].attempts == 1
+    assert [line for line in server.problems() if "SIGTERM ignored" not in line] == []
+
+
+async def test_orphaned_worker_exits_on_sigterm(
+    database_url: str,
+    relay: Relay,
+    start_worker: StartWorker,
+    tmp_path: Path,
+) -> None:
+    env = app_environment(database_url, relay.port, tmp_path)
+    server, _, (worker_pid,) = await start_hypercorn(start_worker, env, workers=1)
+    # asyncio's Process.wait() (Python 3.11) may also wait for the output pipe,
+    # which the worker keeps open, so the main process's exit is watched through
+    # a pidfd. It becomes readable after the kernel closed the main process's
+    # files, which is how the worker learns that its parent is gone.
+    main_exited = asyncio.Event()
+    pidfd = os.pidfd_open(server.process.pid)
+    loop = asyncio.get_running_loop()
+    loop.add_reader(pidfd, main_exited.set)
+    try:
+        server.process.kill()
+        await asyncio.wait_for(main_exited.wait(), EXIT_TIMEOUT)
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+
+    os.kill(worker_pid, signal.SIGTERM)
+    # The worker shares the main process's output pipe, so the output ends only
+    # once the worker has exited too.
+    assert await server.wait() == -signal.SIGKILL
+    assert not [line for line in server.lines if "SIGTERM ignored" in line]

@@ -1,10 +1,21 @@
-"""hypercorn serving the app in development with more than one worker."""
+"""hypercorn serving the app with more than one worker, and the app's SIGTERM handler.
 
+The SIGTERM handler in a real hypercorn worker is tested against a relay and a
+database in test_outbox_processes.py.
+"""
+
+import asyncio
+import multiprocessing
 import re
+import signal
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import httpx
+from quart import Quart
 
+from quart_app import create_app
+from quart_app.db import Base, create_engine
 from tests.live import live_server, migrated_instance
 
 PASSWORD = "correct horse battery staple"
@@ -60,3 +71,56 @@ async def test_mailbox_page_lists_every_worker(tmp_path: Path) -> None:
         async with httpx.AsyncClient(base_url=server.base_url) as client:
             listing = (await client.get("/dev/mailbox")).text
     assert listing.count("[Quart App] Confirm Your Account") == SIGNUPS
+
+
+async def test_no_sigterm_handler_under_test_app(app: Quart) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    async with app.test_app():
+        while_serving = signal.getsignal(signal.SIGTERM)
+    assert while_serving == before
+
+
+def test_no_sigterm_handler_in_other_child(tmp_path: Path) -> None:
+    # A child process that hypercorn did not start, with hypercorn imported (Quart
+    # imports it), as under another server that runs its workers this way.
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_serve_and_report_sigterm, args=(tmp_path, sender))
+    child.start()
+    sender.close()
+    try:
+        assert receiver.poll(60), "the child process reported nothing within 60 s"
+        disposition = receiver.recv()
+    finally:
+        child.join(60)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+        receiver.close()
+    assert child.exitcode == 0
+    assert disposition == "SIG_DFL"
+
+
+def _serve_and_report_sigterm(tmp_path: Path, sender: Connection) -> None:
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
+    app = create_app(
+        {
+            "APP_ENV": "testing",
+            "DATABASE_URL": database_url,
+            "INSTANCE_PATH": str(tmp_path / "instance"),
+            "MAIL_SERVER": "127.0.0.1",
+            "OUTBOX_WORKER": False,
+        }
+    )
+
+    async def serve() -> object:
+        engine = create_engine(database_url)
+        async with engine.begin() as connection:
+            await connection.run_sync(Base.metadata.create_all)
+        await engine.dispose()
+        async with app.test_app():
+            return signal.getsignal(signal.SIGTERM)
+
+    disposition = asyncio.run(serve())
+    sender.send(getattr(disposition, "name", repr(disposition)))
+    sender.close()
