@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
-from quart_app.auth.mail import (
+from quart_app.account_emails import (
     send_confirmation,
     send_email_change,
     send_email_changed_notice,
@@ -33,7 +33,6 @@ from quart_app.auth.mail import (
     send_password_changed_notice,
     send_password_reset,
 )
-from quart_app.auth.tokens import Purpose, generate_token, load_token
 from quart_app.db import release_connection, session_scope
 from quart_app.errors import (
     DuplicateUser,
@@ -51,6 +50,7 @@ from quart_app.models import (
     utcnow,
 )
 from quart_app.passwords import hash_password, needs_rehash, verify_password
+from quart_app.tokens import Purpose, generate_token, load_token
 
 __all__ = (
     "PASSWORD_MAX_LENGTH",

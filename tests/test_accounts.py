@@ -14,7 +14,6 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from quart_app import accounts
-from quart_app.auth.tokens import Purpose, load_token
 from quart_app.db import get_session, release_connection, session_scope
 from quart_app.errors import (
     DuplicateUser,
@@ -24,6 +23,7 @@ from quart_app.errors import (
     TokenInvalid,
 )
 from quart_app.models import Role, User
+from quart_app.tokens import Purpose, load_token
 from tests.conftest import (
     ADMIN_EMAIL,
     PASSWORD,

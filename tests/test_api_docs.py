@@ -157,3 +157,38 @@ async def test_docs_render_in_browser(browser_page: Page, tmp_path: Path) -> Non
         await expect(authorize).to_be_visible()
 
     assert problems == []
+
+
+async def test_openapi_documents_no_body_success(client: QuartClient) -> None:
+    spec = await _spec(client)
+    reset = spec["paths"]["/api/password-resets/{token}"]["post"]["responses"]
+
+    assert reset["204"] == {"description": "The password was changed."}
+
+
+async def test_openapi_body_routes_list_413_415(client: QuartClient) -> None:
+    spec = await _spec(client)
+    with_body = [
+        (path, method, operation)
+        for path, operations in spec["paths"].items()
+        for method, operation in operations.items()
+        if "requestBody" in operation
+    ]
+
+    assert len(with_body) == 4
+    for path, method, operation in with_body:
+        for status in ("413", "415"):
+            response = operation["responses"].get(status)
+            assert response is not None, f"{method} {path} lacks {status}"
+            schema = response["content"]["application/json"]["schema"]
+            assert set(schema["required"]) == {"error", "detail"}
+
+
+async def test_openapi_documents_link_and_bounds(client: QuartClient) -> None:
+    spec = await _spec(client)
+    listing = spec["paths"]["/api/outbox"]["get"]["responses"]["200"]
+    [parameter] = spec["paths"]["/api/outbox/{message_id}/retry"]["post"]["parameters"]
+
+    assert "Link" in listing["headers"]
+    assert parameter["schema"]["minimum"] == 1
+    assert parameter["schema"]["maximum"] == 2**31 - 1

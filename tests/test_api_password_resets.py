@@ -4,7 +4,7 @@ from email.message import EmailMessage
 import pytest
 from quart.testing import QuartClient
 
-from quart_app.auth.tokens import Purpose, generate_token
+from quart_app.tokens import Purpose, generate_token
 from tests.api import basic_auth, bearer, get_token, signup
 from tests.conftest import (
     PASSWORD,

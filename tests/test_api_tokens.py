@@ -10,12 +10,12 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from quart_app.api.tokens import issue_token
-from quart_app.auth.tokens import Purpose, generate_token
 from quart_app.config import load_settings
 from quart_app.db import create_engine
 from quart_app.errors import ConfigError
 from quart_app.models import User
 from quart_app.passwords import hash_password
+from quart_app.tokens import Purpose, generate_token
 from tests.api import basic_auth, bearer, get_token, signup
 from tests.conftest import PASSWORD, Relay, fetch_users, login, make_app, serving
 

@@ -10,7 +10,7 @@ from werkzeug.datastructures import MultiDict
 
 from quart_app.api.schemas import SignupRequest
 from quart_app.auth.forms import RegistrationForm
-from quart_app.auth.tokens import Purpose, generate_token
+from quart_app.tokens import Purpose, generate_token
 from tests.api import (
     CONFIRM_SUBJECT,
     api_signup,

@@ -9,7 +9,7 @@ from quart import Quart
 from quart.testing import QuartClient
 
 from quart_app import accounts
-from quart_app.auth.tokens import Purpose, generate_token, load_token
+from quart_app.tokens import Purpose, generate_token, load_token
 from tests.conftest import (
     BASE_URL,
     PASSWORD,

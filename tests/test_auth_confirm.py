@@ -10,9 +10,9 @@ from quart.testing import QuartClient
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from quart_app.auth.tokens import Purpose, generate_token
 from quart_app.db import create_engine
 from quart_app.models import User, utcnow
+from quart_app.tokens import Purpose, generate_token
 from tests.conftest import (
     Relay,
     confirm_link,

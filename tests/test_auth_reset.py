@@ -8,7 +8,7 @@ import pytest
 from quart import Quart
 from quart.testing import QuartClient
 
-from quart_app.auth.tokens import Purpose, generate_token
+from quart_app.tokens import Purpose, generate_token
 from tests.conftest import (
     BASE_URL,
     PASSWORD,

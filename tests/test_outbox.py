@@ -12,7 +12,7 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from quart_app import accounts
-from quart_app.auth.mail import send_confirmation
+from quart_app.account_emails import send_confirmation
 from quart_app.db import create_engine, get_session
 from quart_app.models import OutboxMessage, create_user, utcnow
 from quart_app.outbox import Outbox, classify, enqueue

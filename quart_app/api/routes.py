@@ -14,10 +14,6 @@ from quart_schema import (
 )
 from sqlalchemy import select
 
-# quart_app.accounts imports quart_app.auth.mail, and loading the auth package
-# imports its routes, which import accounts back. Loading the auth package first
-# lets that cycle resolve.
-import quart_app.auth  # noqa: F401
 from quart_app import accounts
 from quart_app.accounts import PASSWORD_MAX_LENGTH
 from quart_app.api.auth import (
@@ -27,6 +23,7 @@ from quart_app.api.auth import (
     basic_credentials,
     token_required,
 )
+from quart_app.api.docs import document_header, document_no_content
 from quart_app.api.errors import ApiError, validation_error_response
 from quart_app.api.schemas import (
     AcceptedResponse,
@@ -248,6 +245,7 @@ async def create_password_reset(data: PasswordResetRequest) -> ApiResponse:
 @bp.post("/password-resets/<token>")
 @tag(["password resets"])
 @validate_json(NewPasswordRequest)
+@document_no_content(204, "The password was changed.")
 @document_response(ErrorResponse, 400)
 @document_response(ErrorResponse, 415)
 @document_response(ErrorResponse, 422)
@@ -289,6 +287,7 @@ async def complete_password_reset(
 @token_required(administrator=True)
 @validate_querystring(OutboxQuery)
 @validate_response(OutboxPage)
+@document_header(200, "Link", 'The next page, as <URL>; rel="next", if there is one.')
 @document_response(ErrorResponse, 400)
 @document_response(ErrorResponse, 401)
 @document_response(ErrorResponse, 403)

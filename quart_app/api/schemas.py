@@ -195,11 +195,16 @@ class OutboxStats(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    """The service health: whether the database responds, with the outbox counts."""
+    """The service health: whether the database responds, with the outbox counts.
+
+    `outbox` is "unavailable" when the database responds but the outbox table
+    cannot be read, usually because the schema has not been migrated, and is
+    missing when the database does not respond.
+    """
 
     status: Literal["ok", "error"]
     database: Literal["ok", "unavailable"]
-    outbox: OutboxStats | None = None
+    outbox: OutboxStats | Literal["unavailable"] | None = None
 
 
 class AcceptedResponse(BaseModel):

@@ -9,9 +9,9 @@ from typing import Any
 from quart import current_app, url_for
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from quart_app.auth.tokens import Purpose, generate_token
 from quart_app.email import send_email
 from quart_app.models import User
+from quart_app.tokens import Purpose, generate_token
 
 
 def external_url(endpoint: str, **values: Any) -> str:
