@@ -6,6 +6,7 @@ is set, reply with a chosen code, or drop the connection.
 """
 
 import asyncio
+import gc
 import os
 import re
 import socket
@@ -113,6 +114,30 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     # tests (say MAIL_SERVER) must not leak into an app built for a test.
     for name in Settings.model_fields:
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _unfreeze_at_end() -> Iterator[None]:
+    yield
+    # pytest collects garbage once more when the run ends, and frozen objects
+    # would escape that collection.
+    gc.unfreeze()
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage(_unfreeze_at_end: None) -> Iterator[None]:
+    # Freezing what is alive, mostly caches kept for the whole run, limits the
+    # collection at teardown to what this test allocates. Collecting first keeps
+    # the previous test's garbage out of the frozen set.
+    gc.collect()
+    gc.freeze()
+    yield
+    # A leaked connection warns when the garbage collector frees it, which may be
+    # during a later test. Collecting here, after an async test's event loop has
+    # closed, makes filterwarnings fail the test that leaked it. A leak reachable
+    # only from the test's fixture values or captured log records is reported at
+    # the next test's setup, because pytest frees those after teardown.
+    gc.collect()
 
 
 @pytest.fixture(name="relay")

@@ -9,6 +9,7 @@ import pytest
 from aiosmtpd.smtp import SMTP
 from quart import Quart
 from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from quart_app import accounts
@@ -107,6 +108,24 @@ async def test_racing_signup_sends_nothing(
     assert len(checks) == 2
     assert len(await fetch_outbox(app)) == 2
     assert len(relay.messages) == 2
+
+
+async def test_failed_pass_leaves_no_task_running(tmp_path: Path) -> None:
+    # Without tables every claim fails, on each of the pass's connections. The
+    # pass must raise only after all of them have stopped, because a drain still
+    # running would outlive the engine and leave its database connection open.
+    app = make_app(
+        f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}",
+        free_port(),
+        tmp_path,
+        MAIL_MAX_CONNECTIONS=4,
+        OUTBOX_WORKER=False,
+    )
+    async with app.test_app(), app.app_context():
+        tasks_before = asyncio.all_tasks()
+        with pytest.raises(OperationalError, match="no such table: outbox"):
+            await app.extensions["outbox"].deliver_due()
+        assert asyncio.all_tasks() == tasks_before
 
 
 async def test_relay_down_then_up_delivered(database_url: str, tmp_path: Path) -> None:

@@ -175,7 +175,9 @@ class Outbox:
         """Send every row that is due, over up to MAIL_MAX_CONNECTIONS connections.
 
         Returns how many rows were claimed. `stop`, when set, ends the pass
-        after the sends in progress.
+        after the sends in progress. If claiming or recording a row fails, the
+        other connections finish their rows first, and then the first error is
+        raised.
         """
 
         async def drain() -> int:
@@ -186,8 +188,16 @@ class Outbox:
                 claimed += 1
             return claimed
 
-        counts = await asyncio.gather(*(drain() for _ in range(self.max_connections)))
-        return sum(counts)
+        # Without return_exceptions, gather raises at the first failure and leaves
+        # the other drains running unawaited. They outlive the pass and the engine
+        # disposed at shutdown, so their database connections are never closed.
+        outcomes = await asyncio.gather(
+            *(drain() for _ in range(self.max_connections)), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return sum(outcome for outcome in outcomes if isinstance(outcome, int))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver due rows every OUTBOX_POLL_INTERVAL seconds until `stop` is set."""
