@@ -133,8 +133,8 @@ async def authenticate(
     changes `User.auth_id` and so ends the user's other logins.
 
     Raises:
-        LoginThrottled: the account is locked out for now; `retry_after` says
-            for how many more seconds.
+        LoginThrottled: the account is locked out for now, and `retry_after`
+            gives the seconds left.
     """
     user = await find_user_by_email(session=session, email=email)
     if user is not None:
@@ -255,8 +255,8 @@ async def reset_password(*, session: AsyncSession, token: str, password: str) ->
 
     The account is confirmed too, because the link proves control of its
     address. The new password changes `User.auth_id`, which ends every login of
-    the account, and makes the link invalid. The account's address is told of
-    the change.
+    the account, and makes the link invalid. The account's address gets a
+    notice of the change.
 
     Raises:
         TokenExpired: the link is older than TOKEN_MAX_AGE.
@@ -296,7 +296,7 @@ async def change_password(
     Returns False, changing nothing, when `old_password` is wrong. The new
     password changes `User.auth_id`, so it ends the account's other logins. A
     caller that wants to keep the current login logs it in again with the new
-    `auth_id` after the commit. The account's address is told of the change.
+    `auth_id` after the commit. The account's address gets a notice of the change.
     """
     await release_connection(session)
     if not await verify_password(user.password_hash, old_password):
@@ -355,8 +355,8 @@ async def change_email(*, session: AsyncSession, token: str) -> User:
 
     The account is confirmed too, because the link proves control of the new
     address. A link stops working once the account's address or password
-    changes, through this link or any other way. The old address is told of
-    the change.
+    changes, through this link or any other way. The old address gets a notice
+    of the change.
 
     Raises:
         TokenExpired: the link is older than TOKEN_MAX_AGE.

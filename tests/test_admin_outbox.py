@@ -40,8 +40,8 @@ async def test_outbox_page_anonymous_to_login(client: QuartClient) -> None:
 
 
 async def test_retry_anonymous_to_login_then_page(client: QuartClient) -> None:
-    # The login sends the browser to `next` with a GET, which the retry route
-    # would answer with 405.
+    # The login sends the browser to `next` with a GET, for which the retry
+    # route would return 405.
     response = await client.post("/admin/outbox/1/retry")
 
     assert response.status_code == 302

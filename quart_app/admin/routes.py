@@ -31,8 +31,8 @@ async def require_administrator() -> ResponseReturnValue | None:
     # gets here, and `is_administrator` requires a confirmed address as well.
     account: User | None = g.account
     if account is None:
-        # After the login the browser GETs `next`, which the retry route does
-        # not answer, so a POST comes back to the outbox page instead.
+        # After the login the browser GETs `next`, a method the retry route does
+        # not accept, so a POST returns to the outbox page instead.
         if request.method == "GET":
             target = request.full_path.rstrip("?")
         else:
