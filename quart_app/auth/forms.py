@@ -96,17 +96,40 @@ _password_length = Length(
 )
 
 
-class RegistrationForm(AppForm):
-    email = EmailField(
-        "Email",
-        filters=[_strip],
+def _email_field(label: str, *, new_address: bool) -> Any:
+    """Build an email field.
+
+    ``new_address`` adds the deliverability check that signup and a change of
+    address need, and that looking up an account does not.
+    """
+    validators: list[Any] = [
+        DataRequired(),
+        _no_control_characters,
+        Length(max=EMAIL_MAX_LENGTH),
+    ]
+    if new_address:
+        validators.append(_deliverable_address)
+    return EmailField(label, filters=[_strip], validators=validators)
+
+
+def _current_password_field(label: str) -> Any:
+    return PasswordField(
+        label, validators=[DataRequired(), Length(max=PASSWORD_MAX_LENGTH)]
+    )
+
+
+def _repeated_password_field(label: str) -> Any:
+    return PasswordField(
+        label,
         validators=[
             DataRequired(),
-            _no_control_characters,
-            Length(max=EMAIL_MAX_LENGTH),
-            _deliverable_address,
+            EqualTo("password", message="The passwords do not match."),
         ],
     )
+
+
+class RegistrationForm(AppForm):
+    email = _email_field("Email", new_address=True)
     username = StringField(
         "Username",
         validators=[
@@ -120,28 +143,12 @@ class RegistrationForm(AppForm):
         ],
     )
     password = PasswordField("Password", validators=[DataRequired(), _password_length])
-    password2 = PasswordField(
-        "Confirm password",
-        validators=[
-            DataRequired(),
-            EqualTo("password", message="The passwords do not match."),
-        ],
-    )
+    password2 = _repeated_password_field("Confirm password")
 
 
 class LoginForm(AppForm):
-    email = EmailField(
-        "Email",
-        filters=[_strip],
-        validators=[
-            DataRequired(),
-            _no_control_characters,
-            Length(max=EMAIL_MAX_LENGTH),
-        ],
-    )
-    password = PasswordField(
-        "Password", validators=[DataRequired(), Length(max=PASSWORD_MAX_LENGTH)]
-    )
+    email = _email_field("Email", new_address=False)
+    password = _current_password_field("Password")
     remember_me = BooleanField("Keep me logged in")
 
 
@@ -150,15 +157,7 @@ class EmptyForm(AppForm):
 
 
 class PasswordResetRequestForm(AppForm):
-    email = EmailField(
-        "Email",
-        filters=[_strip],
-        validators=[
-            DataRequired(),
-            _no_control_characters,
-            Length(max=EMAIL_MAX_LENGTH),
-        ],
-    )
+    email = _email_field("Email", new_address=False)
 
 
 class NewPasswordForm(AppForm):
@@ -167,33 +166,13 @@ class NewPasswordForm(AppForm):
     password = PasswordField(
         "New password", validators=[DataRequired(), _password_length]
     )
-    password2 = PasswordField(
-        "Confirm new password",
-        validators=[
-            DataRequired(),
-            EqualTo("password", message="The passwords do not match."),
-        ],
-    )
+    password2 = _repeated_password_field("Confirm new password")
 
 
 class ChangePasswordForm(NewPasswordForm):
-    old_password = PasswordField(
-        "Current password",
-        validators=[DataRequired(), Length(max=PASSWORD_MAX_LENGTH)],
-    )
+    old_password = _current_password_field("Current password")
 
 
 class ChangeEmailForm(AppForm):
-    email = EmailField(
-        "New email",
-        filters=[_strip],
-        validators=[
-            DataRequired(),
-            _no_control_characters,
-            Length(max=EMAIL_MAX_LENGTH),
-            _deliverable_address,
-        ],
-    )
-    password = PasswordField(
-        "Password", validators=[DataRequired(), Length(max=PASSWORD_MAX_LENGTH)]
-    )
+    email = _email_field("New email", new_address=True)
+    password = _current_password_field("Password")
