@@ -1,5 +1,6 @@
 """An async Quart app that signs users up and emails them a confirmation link."""
 
+import ipaddress
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -137,9 +138,13 @@ def _init_auth(app: Quart) -> None:
 
 def _default_sender(base_url: str) -> str:
     host = urlsplit(base_url).hostname or "localhost"
-    if host.replace(".", "").isdigit():
-        host = "localhost"
-    return f"Quart App <noreply@{host}>"
+    # An address at an IP needs the bracketed literal form, which many relays
+    # reject, so a host given as an IP address is replaced by "localhost".
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return f"Quart App <noreply@{host}>"
+    return "Quart App <noreply@localhost>"
 
 
 def _register_error_handlers(app: Quart) -> None:

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from quart import current_app
-from sqlalchemy import case, or_, update
+from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -125,7 +125,8 @@ async def authenticate(
     After LOGIN_MAX_FAILURES failed logins in a row, each less than LOGIN_LOCKOUT
     seconds after the one before, the account's password is not checked until
     LOGIN_LOCKOUT seconds after the last one. A successful login or a password
-    reset starts the count again.
+    reset starts the count again. Requests sent at the same time count too, so
+    no more than LOGIN_MAX_FAILURES passwords are checked before a lockout.
 
     An unknown address still costs one password check, against a dummy hash, so
     the response time does not reveal which addresses are registered. A hash made
@@ -137,19 +138,13 @@ async def authenticate(
             gives the seconds left.
     """
     user = await find_user_by_email(session=session, email=email)
-    if user is not None:
-        _check_login_allowed(user)
     await release_connection(session)
-    matched = await verify_password(user.password_hash if user else None, password)
     if user is None:
+        await verify_password(None, password)
         return None
-    if not matched:
-        await _record_failed_login(user)
+    if not await _check_password(user, password):
         return None
 
-    if user.failed_logins:
-        user.failed_logins = 0
-        user.last_failed_login_at = None
     if needs_rehash(user.password_hash):
         user.password_hash = await hash_password(password)
     return user
@@ -297,9 +292,14 @@ async def change_password(
     password changes `User.auth_id`, so it ends the account's other logins. A
     caller that wants to keep the current login logs it in again with the new
     `auth_id` after the commit. The account's address gets a notice of the change.
+
+    A wrong `old_password` counts as a failed login (see `authenticate`).
+
+    Raises:
+        LoginThrottled: the account is locked out for now.
     """
     await release_connection(session)
-    if not await verify_password(user.password_hash, old_password):
+    if not await _check_password(user, old_password):
         return False
 
     user.password_hash = await hash_password(password)
@@ -317,12 +317,14 @@ async def request_email_change(
     than EMAIL_CHANGE_INTERVAL seconds old.
 
     Raises:
-        IncorrectPassword: `password` is not the user's password.
+        IncorrectPassword: `password` is not the user's password. This counts
+            as a failed login (see `authenticate`).
+        LoginThrottled: the account is locked out for now.
         DuplicateUser: `new_email` is registered already, to this account or
             another one (``field == "email"``).
     """
     await release_connection(session)
-    if not await verify_password(user.password_hash, password):
+    if not await _check_password(user, password):
         raise IncorrectPassword("The password is incorrect.")
     new_email = normalize_email(new_email)
     if await email_taken(session=session, email=new_email):
@@ -361,12 +363,13 @@ async def change_email(*, session: AsyncSession, token: str) -> User:
     Raises:
         TokenExpired: the link is older than TOKEN_MAX_AGE.
         TokenInvalid: the link is malformed, tampered with or made for another
-            purpose, or the account's address is no longer the one it had when
-            the link was sent.
+            purpose, or the account's address or password is no longer the one
+            it had when the link was sent. Of two requests that use one link, or
+            two links of one account, at the same time, the one that commits
+            second gets this.
         DuplicateUser: another account registered the new address after the
-            link was sent (``field == "email"``). When the unique constraint
-            caught it, the session has been rolled back, and the objects in it
-            reloaded, before this is raised.
+            link was sent (``field == "email"``). The session has been rolled
+            back, and the objects in it reloaded, before this is raised.
     """
     payload = load_token(Purpose.CHANGE_EMAIL, token)
     user = await session.get(User, _user_id(payload, "change_email"))
@@ -378,41 +381,67 @@ async def change_email(*, session: AsyncSession, token: str) -> User:
         or user.password_fingerprint != payload.get("password")
     ):
         raise TokenInvalid("The email change link was used already or is outdated.")
-    if await email_taken(session=session, email=new_email):
-        raise DuplicateUser("email")
 
+    # The old address and hash in the WHERE clause make the link single-use
+    # when two requests verified it at once: the second UPDATE matches no row.
     old_email = user.email
-    user.email = new_email
-    user.confirmed = True
     try:
-        await session.flush()
+        result = await session.execute(
+            update(User)
+            .where(
+                User.id == user.id,
+                User.email == old_email,
+                User.password_hash == user.password_hash,
+            )
+            .values(email=new_email, confirmed=True)
+            .execution_options(synchronize_session=False)
+        )
     except IntegrityError:
         await _roll_back(session)
         raise DuplicateUser("email") from None
+    if cast(CursorResult[Any], result).rowcount != 1:
+        raise TokenInvalid("The email change link was used already.")
+    await session.refresh(user)
     await send_email_changed_notice(user, old_email, session=session)
     return user
 
 
-def _check_login_allowed(user: User) -> None:
+async def _check_password(user: User, password: str) -> bool:
+    """Verify `password` for `user`, with the lockout of `authenticate`.
+
+    The caller releases its session's connection first (`release_connection`),
+    because the count is written in a transaction of its own.
+
+    Raises:
+        LoginThrottled: the account is locked out for now.
+    """
+    await _count_password_check(user)
+    if not await verify_password(user.password_hash, password):
+        return False
+    await _clear_failed_logins(user)
+    return True
+
+
+async def _count_password_check(user: User) -> None:
+    # Each check counts as a failure before the slow hash starts, and a match
+    # clears the count afterwards. One conditional UPDATE decides and counts,
+    # so of many requests sent at once no more than LOGIN_MAX_FAILURES get past
+    # it. In a transaction of its own, the count stays although the caller
+    # commits nothing after a wrong password.
     config = current_app.config
-    last_failed = user.last_failed_login_at
-    if user.failed_logins < config["LOGIN_MAX_FAILURES"] or last_failed is None:
-        return
-    unlocks_at = last_failed + timedelta(seconds=config["LOGIN_LOCKOUT"])
-    remaining = (unlocks_at - utcnow()).total_seconds()
-    if remaining > 0:
-        raise LoginThrottled(math.ceil(remaining))
-
-
-async def _record_failed_login(user: User) -> None:
-    # In a transaction of its own, so the failure counts although the caller
-    # commits nothing after a failed login.
     now = utcnow()
-    window_start = now - timedelta(seconds=current_app.config["LOGIN_LOCKOUT"])
+    window_start = now - timedelta(seconds=config["LOGIN_LOCKOUT"])
     async with session_scope() as session:
-        await session.execute(
+        result = await session.execute(
             update(User)
-            .where(User.id == user.id)
+            .where(
+                User.id == user.id,
+                or_(
+                    User.failed_logins < config["LOGIN_MAX_FAILURES"],
+                    User.last_failed_login_at.is_(None),
+                    User.last_failed_login_at <= window_start,
+                ),
+            )
             .values(
                 failed_logins=case(
                     (
@@ -423,6 +452,29 @@ async def _record_failed_login(user: User) -> None:
                 ),
                 last_failed_login_at=now,
             )
+            .execution_options(synchronize_session=False)
+        )
+        if cast(CursorResult[Any], result).rowcount == 1:
+            await session.commit()
+            return
+
+        last_failed = await session.scalar(
+            select(User.last_failed_login_at).where(User.id == user.id)
+        )
+    if last_failed is None:
+        # The account was deleted meanwhile, so there is nothing to count.
+        return
+    unlocks_at = last_failed + timedelta(seconds=config["LOGIN_LOCKOUT"])
+    remaining = (unlocks_at - now).total_seconds()
+    raise LoginThrottled(max(1, math.ceil(remaining)))
+
+
+async def _clear_failed_logins(user: User) -> None:
+    async with session_scope() as session:
+        await session.execute(
+            update(User)
+            .where(User.id == user.id)
+            .values(failed_logins=0, last_failed_login_at=None)
             .execution_options(synchronize_session=False)
         )
         await session.commit()
@@ -457,13 +509,16 @@ async def _claim_email_slot(
     now = utcnow()
     # One conditional UPDATE both checks and moves the time of the last email.
     # Concurrent requests wait for the first one's lock, and once it commits the
-    # row no longer matches for them, so only one of them sends.
+    # row no longer matches for them, so only one of them sends. With no
+    # interval every request sends: comparing times would still drop a request
+    # that read the clock just before the one that committed first.
+    condition = User.id == user.id
+    if interval > 0:
+        due = or_(sent_at.is_(None), sent_at <= now - timedelta(seconds=interval))
+        condition = and_(condition, due)
     result = await session.execute(
         update(User)
-        .where(
-            User.id == user.id,
-            or_(sent_at.is_(None), sent_at <= now - timedelta(seconds=interval)),
-        )
+        .where(condition)
         .values({sent_at.key: now})
         .execution_options(synchronize_session=False)
     )

@@ -175,8 +175,9 @@ class Settings(BaseSettings):
     def _check_admin(cls, value: str | None) -> str | None:
         if value is None:
             return None
+        value = value.strip()
         _check_address(value, example="admin@example.com")
-        return value.strip()
+        return value
 
     @field_validator("MAIL_DEFAULT_SENDER")
     @classmethod

@@ -42,12 +42,16 @@ class IncorrectPassword(AppError):
 
 
 class LoginThrottled(AppError):
-    """The account had too many failed logins, so no password is checked for now."""
+    """The account had too many wrong passwords, so no password is checked for now.
+
+    Wrong passwords at login, at `POST /api/tokens` and on the pages that ask
+    for the current password all count.
+    """
 
     def __init__(self, retry_after: int) -> None:
         minutes = max(1, round(retry_after / 60))
         super().__init__(
-            "Too many failed logins for this account. Try again in about "
+            "Too many wrong passwords for this account. Try again in about "
             f"{minutes} minute{'s' if minutes != 1 else ''}, or reset the password."
         )
         # Seconds until the next login attempt is checked.

@@ -185,6 +185,8 @@ class OutboxMessage(Base):
     status: Mapped[str] = mapped_column(String(16), default=OutboxStatus.PENDING.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The reply or error of the last failed attempt. A row sent on a later
+    # attempt keeps it, as the record of why it took more than one.
     last_error: Mapped[str | None] = mapped_column(Text)
     # Recipients the relay refused while it accepted the others: address -> reply.
     refused_recipients: Mapped[dict[str, str] | None] = mapped_column(JSON)

@@ -204,6 +204,7 @@ async def test_retry_unknown_message_not_found(
     response = await client.post("/admin/outbox/4242/retry", form={"csrf_token": token})
 
     assert response.status_code == 404
+    assert "Outbox message 4242 does not exist." in await page_text(response)
 
 
 async def test_retry_by_user_forbidden(client: QuartClient, relay: Relay) -> None:

@@ -199,6 +199,21 @@ async def test_retry_unknown_id_not_found(
     assert (await response.get_json())["error"] == "not_found"
 
 
+@pytest.mark.parametrize("message_id", [0, 2**31, 99999999999])
+async def test_retry_id_out_of_range_explained(
+    client: QuartClient, relay: Relay, message_id: int
+) -> None:
+    token = await admin_token(client, relay)
+
+    response = await client.post(
+        f"/api/outbox/{message_id}/retry", headers=bearer(token)
+    )
+
+    body = await response.get_json()
+    assert response.status_code == 404
+    assert "the range of each id in a path" in body["detail"]
+
+
 async def test_retry_sent_message_conflict(client: QuartClient, relay: Relay) -> None:
     token = await admin_token(client, relay)
     [message_id] = await queue_emails(client.app, relay, 1)

@@ -1,3 +1,4 @@
+import asyncio
 import time
 from email.message import EmailMessage
 
@@ -62,6 +63,24 @@ async def test_reset_request_unknown_address_silent(
     assert unknown.status_code == 202
     assert await unknown.get_json() == await known.get_json()
     assert len(await fetch_outbox(client.app)) == queued
+
+
+async def test_reset_requests_at_once_all_sent(
+    client: QuartClient, relay: Relay
+) -> None:
+    # PASSWORD_RESET_INTERVAL is 0 in the tests, which disables the limit.
+    await signup(client, relay)
+    before = len(await fetch_outbox(client.app))
+
+    responses = await asyncio.gather(
+        *(
+            client.post("/api/password-resets", json={"email": "alice@example.com"})
+            for _ in range(5)
+        )
+    )
+
+    assert [response.status_code for response in responses] == [202] * 5
+    assert len(await fetch_outbox(client.app)) == before + 5
 
 
 @pytest.mark.parametrize(

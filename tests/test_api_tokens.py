@@ -1,3 +1,4 @@
+import asyncio
 import base64
 import time
 from datetime import UTC, datetime, timedelta
@@ -307,3 +308,24 @@ async def test_token_locked_after_failures(
     assert body["error"] == "too_many_failed_logins"
     assert "reset the password" in body["detail"]
     assert 0 < int(locked.headers["Retry-After"]) <= 900
+
+
+async def test_token_lockout_counts_requests_at_once(
+    database_url: str, relay: Relay, tmp_path: Path
+) -> None:
+    app = make_app(database_url, relay.port, tmp_path, LOGIN_MAX_FAILURES=3)
+    async with serving(app) as client:
+        await signup(client, relay)
+        responses = await asyncio.gather(
+            *(
+                client.post(
+                    "/api/tokens", headers=basic_auth("alice@example.com", f"guess {n}")
+                )
+                for n in range(12)
+            )
+        )
+
+    statuses = sorted(response.status_code for response in responses)
+    assert statuses == [401] * 3 + [429] * 9
+    [user] = await fetch_users(app)
+    assert user.failed_logins == 3

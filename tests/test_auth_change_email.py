@@ -1,3 +1,4 @@
+import asyncio
 import time
 from email.message import EmailMessage
 from pathlib import Path
@@ -8,7 +9,6 @@ import pytest
 from quart import Quart
 from quart.testing import QuartClient
 
-from quart_app import accounts
 from quart_app.tokens import Purpose, generate_token, load_token
 from tests.conftest import (
     BASE_URL,
@@ -398,12 +398,10 @@ async def test_change_email_link_other_purpose(app: Quart, relay: Relay) -> None
     assert await _emails(app) == ["alice@example.com"]
 
 
-async def test_change_email_unique_index_logged_in(
-    app: Quart, relay: Relay, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The check misses the user who took the address, so the unique index
-    # catches it. The transaction rolls back under the logged-in user, whose
-    # name the error page still shows.
+async def test_change_email_unique_index_logged_in(app: Quart, relay: Relay) -> None:
+    # The unique index catches the address that another user took, and the
+    # transaction rolls back under the logged-in user, whose name the error
+    # page still shows.
     async with serving(app) as client:
         await sign_up(client, relay)
         await _request_change(client, email="carol@example.com")
@@ -411,10 +409,6 @@ async def test_change_email_unique_index_logged_in(
     async with serving(app) as other:
         await register(other, email="carol@example.com", username="carol")
 
-    async def _never_taken(**_arguments: object) -> bool:
-        return False
-
-    monkeypatch.setattr(accounts, "email_taken", _never_taken)
     async with serving(app) as client:
         assert (await login(client)).status_code == 302
         response = await client.get(path)
@@ -423,3 +417,74 @@ async def test_change_email_unique_index_logged_in(
         assert "This address is already registered" in page
         assert '<span class="who">alice</span>' in page
     assert await _emails(app) == ["alice@example.com", "carol@example.com"]
+
+
+def _changed_notices(relay: Relay) -> list[EmailMessage]:
+    subject = "[Quart App] Your Email Address Was Changed"
+    return [message for message in relay.messages if message["Subject"] == subject]
+
+
+async def test_change_email_link_opened_at_once(app: Quart, relay: Relay) -> None:
+    # A mail scanner may fetch the link while its owner clicks it.
+    async with serving(app) as client:
+        await sign_up(client, relay)
+        await _request_change(client)
+        path = _change_path(await _change_message(relay))
+    async with serving(app) as client:
+        responses = await asyncio.gather(*(client.get(path) for _ in range(8)))
+
+    statuses = sorted(response.status_code for response in responses)
+    assert statuses == [200] + [400] * 7
+    assert await _emails(app) == [NEW_EMAIL]
+    assert len(_changed_notices(relay)) == 1
+
+
+async def test_change_email_two_links_at_once(app: Quart, relay: Relay) -> None:
+    async with serving(app) as client:
+        await sign_up(client, relay)
+        await _request_change(client, email="first@example.com")
+        first = _change_path(await _change_message(relay))
+        await _request_change(client, email="second@example.com")
+        second = _change_path(await _change_message(relay))
+    async with serving(app) as client:
+        responses = await asyncio.gather(client.get(first), client.get(second))
+
+    statuses = [response.status_code for response in responses]
+    assert sorted(statuses) == [200, 400]
+    winner = "first@example.com" if statuses[0] == 200 else "second@example.com"
+    assert await _emails(app) == [winner]
+    [notice] = _changed_notices(relay)
+    text, _html = parts_of(notice)
+    assert f"to {winner}" in text
+
+
+async def test_change_email_wrong_counts_for_lockout(
+    database_url: str, relay: Relay, tmp_path: Path
+) -> None:
+    app = make_app(database_url, relay.port, tmp_path, LOGIN_MAX_FAILURES=2)
+    async with serving(app) as client:
+        await sign_up(client, relay)
+        for _ in range(2):
+            wrong = await _request_change(client, password="not my password")
+            assert wrong.status_code == 200
+        locked = await _request_change(client)
+        page = await page_text(locked)
+
+    assert locked.status_code == 429
+    assert 0 < int(locked.headers["Retry-After"]) <= 900
+    assert "Too many wrong passwords for this account" in page
+    assert _change_emails(relay) == []
+
+
+async def test_change_email_right_password_clears_count(
+    database_url: str, relay: Relay, tmp_path: Path
+) -> None:
+    app = make_app(database_url, relay.port, tmp_path, LOGIN_MAX_FAILURES=2)
+    async with serving(app) as client:
+        await sign_up(client, relay)
+        assert (await _request_change(client, password="not mine")).status_code == 200
+        assert (await _request_change(client)).status_code == 302
+
+    [user] = await fetch_users(app)
+    assert user.failed_logins == 0
+    assert user.last_failed_login_at is None

@@ -1,3 +1,4 @@
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from tests.conftest import (
     csrf_token,
     fetch_users,
     login,
+    make_app,
     next_message_about,
     page_text,
     parts_of,
@@ -164,3 +166,26 @@ async def test_nav_links_account_pages(app: Quart, relay: Relay) -> None:
     assert 'href="/auth/change-password"' in member
     assert 'href="/auth/change-email"' in member
     assert 'href="/auth/change-password"' not in stranger
+
+
+async def test_change_password_wrong_counts_for_lockout(
+    database_url: str, relay: Relay, tmp_path: Path
+) -> None:
+    # Someone at a browser left logged in must not get unlimited guesses.
+    app = make_app(database_url, relay.port, tmp_path, LOGIN_MAX_FAILURES=2)
+    async with serving(app) as client:
+        await sign_up(client, relay)
+        [before] = await fetch_users(app)
+        for _ in range(2):
+            wrong = await _change_password(client, old_password="not my password")
+            assert wrong.status_code == 200
+        locked = await _change_password(client)
+        page = await page_text(locked)
+        login_page = await login(client)
+
+    assert locked.status_code == 429
+    assert 0 < int(locked.headers["Retry-After"]) <= 900
+    assert "Too many wrong passwords for this account" in page
+    assert login_page.status_code == 429
+    [after] = await fetch_users(app)
+    assert after.password_hash == before.password_hash

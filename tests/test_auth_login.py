@@ -1,4 +1,5 @@
 import asyncio
+import itertools
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -97,6 +98,8 @@ async def test_login_missing_csrf(app: Quart, relay: Relay) -> None:
         ("/\x7f/evil.example/x", "/"),
         ("/\t/evil.example/x", "/"),
         ("/\u2028/evil.example", "/"),
+        ("/\uff0f/evil.example", "/%EF%BC%8F/evil.example"),
+        ("/caf\u00e9?q=\u00e9#top", "/caf%C3%A9?q=%C3%A9#top"),
     ],
 )
 async def test_login_next_only_local(
@@ -210,8 +213,15 @@ async def test_login_waiting_for_hash_holds_no_connection(
     async with serving(make_app(database_url, relay.port, tmp_path)) as client:
         assert (await register(client)).status_code == 302
 
-    # A second app without the delivery loop, so only the logins use its pool.
-    app = make_app(database_url, relay.port, tmp_path, OUTBOX_WORKER=False)
+    # A second app without the delivery loop, so only the logins use its pool,
+    # and with a lockout that lets every wrong password be checked.
+    app = make_app(
+        database_url,
+        relay.port,
+        tmp_path,
+        OUTBOX_WORKER=False,
+        LOGIN_MAX_FAILURES=logins,
+    )
     async with serving(app) as client:
         forms = []
         for _ in range(logins):
@@ -227,7 +237,7 @@ async def test_login_waiting_for_hash_holds_no_connection(
         def count_checkin(*_args: Any) -> None:
             nonlocal returned
             returned += 1
-            if returned == logins:
+            if returned == 2 * logins:
                 all_returned.set()
 
         event.listen(pool, "checkin", count_checkin)
@@ -243,7 +253,9 @@ async def test_login_waiting_for_hash_holds_no_connection(
             asyncio.create_task(client.post("/auth/login", form=form)) for form in forms
         ]
         try:
-            # Each login gives its connection back once it has read the user.
+            # Each login gives back two connections before it waits for a
+            # hash: the request's own once it has read the user, and the one
+            # that counted the attempt.
             await asyncio.wait_for(all_returned.wait(), 10)
             health = await asyncio.wait_for(client.get("/healthz"), 10)
             waiting = sum(not request.done() for request in requests)
@@ -288,7 +300,7 @@ async def test_login_locked_after_max_failures(
         locked_page = await page_text(locked)
     assert locked.status_code == 429
     assert 0 < int(locked.headers["Retry-After"]) <= 900
-    assert "Too many failed logins for this account" in locked_page
+    assert "Too many wrong passwords for this account" in locked_page
     assert "about 15 minutes" in locked_page
     [user] = await fetch_users(app)
     assert user.failed_logins == 3
@@ -354,3 +366,57 @@ async def test_login_unknown_address_never_locked(
             for _ in range(3)
         ]
     assert statuses == [200, 200, 200]
+
+
+async def test_lockout_counts_logins_in_flight(
+    database_url: str, relay: Relay, tmp_path: Path
+) -> None:
+    # Wrong passwords sent at once must not all be checked before the first
+    # failure is counted, or the lockout would only limit how many requests
+    # a guesser keeps in flight.
+    maximum, sent = 3, 12
+    app = make_app(database_url, relay.port, tmp_path, LOGIN_MAX_FAILURES=maximum)
+    async with serving(app) as client:
+        await register(client)
+        await client.get("/auth/logout")
+        token = await csrf_token(client, "/auth/login")
+        forms = [
+            {
+                "csrf_token": token,
+                "email": "alice@example.com",
+                "password": f"guess {n}",
+            }
+            for n in range(sent)
+        ]
+
+        hashing = app.extensions["password_hashing"]
+        gate = threading.Event()
+        loop = asyncio.get_running_loop()
+        # Occupy every hashing thread, so no password check ends before all
+        # the requests have been counted.
+        blockers = [
+            loop.run_in_executor(hashing.executor, gate.wait)
+            for _ in range(hashing.workers)
+        ]
+        requests = [
+            asyncio.create_task(client.post("/auth/login", form=form)) for form in forms
+        ]
+        throttled = []
+        try:
+            # The requests past the maximum end at once, without a hash.
+            finishing = asyncio.as_completed(requests, timeout=10)
+            for response in itertools.islice(finishing, sent - maximum):
+                throttled.append(await response)
+            waiting = sum(not request.done() for request in requests)
+        finally:
+            gate.set()
+            await asyncio.gather(*blockers)
+            responses = await asyncio.gather(*requests)
+
+    checked = [response for response in responses if response not in throttled]
+    assert waiting == maximum
+    assert [response.status_code for response in throttled] == [429] * (sent - maximum)
+    assert all("Retry-After" in response.headers for response in throttled)
+    assert [response.status_code for response in checked] == [200] * maximum
+    [user] = await fetch_users(app)
+    assert user.failed_logins == maximum

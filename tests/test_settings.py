@@ -294,3 +294,27 @@ def test_invalid_setting_exits_one_line(tmp_path: Path) -> None:
         "use one of true/false, 1/0, yes/no, on/off."
     )
     assert lines == [expected]
+
+
+@pytest.mark.parametrize(
+    ("base_url", "sender"),
+    [
+        ("https://app.example.com", "Quart App <noreply@app.example.com>"),
+        ("http://127.0.0.1:8000", "Quart App <noreply@localhost>"),
+        ("http://[::1]:8000", "Quart App <noreply@localhost>"),
+    ],
+)
+def test_default_sender_from_base_url(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, base_url: str, sender: str
+) -> None:
+    monkeypatch.setenv("INSTANCE_PATH", str(tmp_path))
+    monkeypatch.setenv("APP_BASE_URL", base_url)
+    assert create_app().config["MAIL_DEFAULT_SENDER"] == sender
+
+
+def test_admin_address_spaces_stripped(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("INSTANCE_PATH", str(tmp_path))
+    monkeypatch.setenv("APP_ADMIN", " Boss@Example.COM ")
+    assert create_app().config["APP_ADMIN"] == "boss@example.com"

@@ -96,8 +96,8 @@ def _describe(error: HTTPException) -> tuple[str, str]:
     if isinstance(error, NotFound):
         return (
             "not_found",
-            f"No API route matches {request.path}: the routes are listed at "
-            "/openapi.json.",
+            f"No API route matches {request.path}. The routes, and the range "
+            "of each id in a path, are listed at /openapi.json.",
         )
     if isinstance(error, MethodNotAllowed):
         allowed = sorted(set(error.valid_methods or ()) - {"HEAD", "OPTIONS"})

@@ -164,7 +164,10 @@ class OutboxMessageResponse(BaseModel):
     subject: str
     status: OutboxStatus
     attempts: int
-    last_error: str | None
+    last_error: str | None = Field(
+        description="The reply or error of the last failed attempt. A message "
+        "sent on a later attempt keeps it."
+    )
     next_attempt_at: datetime
 
     @classmethod

@@ -1,5 +1,6 @@
+import string
 from datetime import timedelta
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from quart import (
     Blueprint,
@@ -113,9 +114,7 @@ async def login() -> ResponseReturnValue:
             password=form.password.data or "",
         )
     except LoginThrottled as error:
-        await flash(str(error), "error")
-        page = await render_template("auth/login.html", form=form)
-        return page, 429, {"Retry-After": str(error.retry_after)}
+        return await _render_throttled("auth/login.html", form, error)
     if user is None:
         await flash("Invalid email or password.", "error")
         return await _render_form("auth/login.html", form)
@@ -241,12 +240,15 @@ async def change_password() -> ResponseReturnValue:
 
     account: User = g.account
     session = get_session()
-    changed = await accounts.change_password(
-        session=session,
-        user=account,
-        old_password=form.old_password.data or "",
-        password=form.password.data or "",
-    )
+    try:
+        changed = await accounts.change_password(
+            session=session,
+            user=account,
+            old_password=form.old_password.data or "",
+            password=form.password.data or "",
+        )
+    except LoginThrottled as error:
+        return await _render_throttled("auth/change_password.html", form, error)
     if not changed:
         add_error(form.old_password, "The current password is incorrect.")
         return await _render_form("auth/change_password.html", form)
@@ -268,7 +270,10 @@ async def change_email_request() -> ResponseReturnValue:
     if not form.validate_on_submit():
         return await _render_form("auth/change_email.html", form)
 
-    sent = await _request_email_change(form)
+    try:
+        sent = await _request_email_change(form)
+    except LoginThrottled as error:
+        return await _render_throttled("auth/change_email.html", form, error)
     if not sent:
         return await _render_form("auth/change_email.html", form)
 
@@ -355,6 +360,14 @@ async def _request_email_change(form: ChangeEmailForm) -> bool:
     return sent
 
 
+async def _render_throttled(
+    template: str, form: AppForm, error: LoginThrottled
+) -> ResponseReturnValue:
+    await flash(str(error), "error")
+    page = await render_template(template, form=form)
+    return page, 429, {"Retry-After": str(error.retry_after)}
+
+
 async def _render_form(template: str, form: AppForm) -> ResponseReturnValue:
     status = 200
     if form.csrf_failed:
@@ -390,4 +403,6 @@ def _local_path(target: str | None) -> str | None:
     parts = urlsplit(target)
     if parts.scheme or parts.netloc:
         return None
-    return target
+    # A Location header is ASCII, so other characters are percent-encoded as
+    # UTF-8, and characters that are already ASCII are kept as they are.
+    return quote(target, safe=string.punctuation)
