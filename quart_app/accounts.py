@@ -129,9 +129,13 @@ async def authenticate(
     no more than LOGIN_MAX_FAILURES passwords are checked before a lockout.
 
     An unknown address still costs one password check, against a dummy hash, so
-    the response time does not reveal which addresses are registered. A hash made
+    the hash time does not reveal which addresses are registered. A hash made
     with older argon2 parameters is replaced by a new one in `session`, which
     changes `User.auth_id` and so ends the user's other logins.
+
+    NOTE: a registered address also costs the database write that counts the
+    attempt, and a locked account gets LoginThrottled, so a client that sends
+    many requests can still tell registered addresses from others.
 
     Raises:
         LoginThrottled: the account is locked out for now, and `retry_after`
