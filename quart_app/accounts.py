@@ -13,8 +13,12 @@ written nothing yet (`release_connection`), so a request waiting for a hashing
 thread keeps no pooled database connection.
 """
 
+import asyncio
 import hashlib
 import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -419,11 +423,44 @@ async def _check_password(user: User, password: str) -> bool:
     Raises:
         LoginThrottled: the account is locked out for now.
     """
-    await _count_password_check(user)
-    if not await verify_password(user.password_hash, password):
-        return False
-    await _clear_failed_logins(user)
-    return True
+    # Shielded, so that when the client goes away mid-check the check still
+    # runs to its end, and a right password still clears the count.
+    return await asyncio.shield(_check_password_in_turn(user, password))
+
+
+async def _check_password_in_turn(user: User, password: str) -> bool:
+    # Checks of one account take turns within this process, so that requests
+    # sent at once with the right password do not use up the lockout's
+    # allowance while they wait. Across processes the count alone decides.
+    async with _account_turn(user.id):
+        await _count_password_check(user)
+        if not await verify_password(user.password_hash, password):
+            return False
+        await _clear_failed_logins(user)
+        return True
+
+
+@dataclass
+class _AccountTurn:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Requests that hold or wait for `lock`. The turn is dropped at zero.
+    users: int = 0
+
+
+@asynccontextmanager
+async def _account_turn(user_id: int) -> AsyncIterator[None]:
+    turns: dict[int, _AccountTurn] = current_app.extensions.setdefault(
+        "password_check_turns", {}
+    )
+    turn = turns.setdefault(user_id, _AccountTurn())
+    turn.users += 1
+    try:
+        async with turn.lock:
+            yield
+    finally:
+        turn.users -= 1
+        if turn.users == 0:
+            del turns[user_id]
 
 
 async def _count_password_check(user: User) -> None:

@@ -35,6 +35,7 @@ _TRUE = frozenset({"true", "1", "yes", "on"})
 _HOUR = 3600
 _DAY = 24 * _HOUR
 _HOST_LABEL = re.compile(r"\A(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+_NUMERIC_LABEL = re.compile(r"\A(?:[0-9]+|0[xX][0-9A-Fa-f]*)\Z")
 _FALSE = frozenset({"false", "0", "no", "off"})
 
 
@@ -305,6 +306,10 @@ def _valid_host(host: str) -> bool:
         ipaddress.ip_address(host)
     except ValueError:
         labels = host.removesuffix(".").split(".")
+        # A name that ends in a number, such as "127.1" or "0x7f.1", is not a
+        # domain name: URL parsers in browsers read it as a short IPv4 address.
+        if _NUMERIC_LABEL.match(labels[-1]):
+            return False
         return len(host) <= 253 and all(_HOST_LABEL.match(label) for label in labels)
     return True
 

@@ -188,8 +188,10 @@ async def test_change_email_taken_meanwhile(app: Quart, relay: Relay) -> None:
         await register(other, email="Carol@Example.com", username="carol")
     async with serving(app) as client:
         response = await client.get(path)
+        page = await page_text(response)
         assert response.status_code == 409
-        assert "This address is already registered" in await page_text(response)
+        assert "This address is already registered" in page
+        assert "<title>Address already registered - Quart App</title>" in page
     assert await _emails(app) == ["alice@example.com", "carol@example.com"]
 
 

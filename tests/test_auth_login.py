@@ -1,5 +1,5 @@
 import asyncio
-import itertools
+import contextlib
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -10,8 +10,10 @@ from quart import Quart
 from sqlalchemy import event, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from quart_app.db import create_engine
+from quart_app import accounts
+from quart_app.db import create_engine, session_scope
 from quart_app.models import User, utcnow
+from tests.api import basic_auth
 from tests.conftest import (
     PASSWORD,
     Relay,
@@ -237,7 +239,7 @@ async def test_login_waiting_for_hash_holds_no_connection(
         def count_checkin(*_args: Any) -> None:
             nonlocal returned
             returned += 1
-            if returned == 2 * logins:
+            if returned == logins + 1:
                 all_returned.set()
 
         event.listen(pool, "checkin", count_checkin)
@@ -253,9 +255,10 @@ async def test_login_waiting_for_hash_holds_no_connection(
             asyncio.create_task(client.post("/auth/login", form=form)) for form in forms
         ]
         try:
-            # Each login gives back two connections before it waits for a
-            # hash: the request's own once it has read the user, and the one
-            # that counted the attempt.
+            # Each login gives its connection back once it has read the user.
+            # Logins of one account then take turns, so the first one also
+            # counts its attempt and waits for a hash, and the others wait for
+            # their turn.
             await asyncio.wait_for(all_returned.wait(), 10)
             health = await asyncio.wait_for(client.get("/healthz"), 10)
             waiting = sum(not request.done() for request in requests)
@@ -368,55 +371,135 @@ async def test_login_unknown_address_never_locked(
     assert statuses == [200, 200, 200]
 
 
-async def test_lockout_counts_logins_in_flight(
+async def test_lockout_counts_checks_across_processes(
     database_url: str, relay: Relay, tmp_path: Path
 ) -> None:
-    # Wrong passwords sent at once must not all be checked before the first
-    # failure is counted, or the lockout would only limit how many requests
-    # a guesser keeps in flight.
-    maximum, sent = 3, 12
-    app = make_app(database_url, relay.port, tmp_path, LOGIN_MAX_FAILURES=maximum)
-    async with serving(app) as client:
+    # Each app stands for one server process. Wrong passwords sent to all of
+    # them at once must not all be checked before the first failure is
+    # counted, or the lockout would only limit how many requests a guesser
+    # keeps in flight.
+    maximum, processes = 2, 3
+    apps = [
+        make_app(database_url, relay.port, tmp_path, LOGIN_MAX_FAILURES=maximum)
+        for _ in range(processes)
+    ]
+    async with serving(apps[0]) as client:
         await register(client)
-        await client.get("/auth/logout")
-        token = await csrf_token(client, "/auth/login")
-        forms = [
-            {
-                "csrf_token": token,
-                "email": "alice@example.com",
-                "password": f"guess {n}",
-            }
-            for n in range(sent)
-        ]
 
-        hashing = app.extensions["password_hashing"]
-        gate = threading.Event()
-        loop = asyncio.get_running_loop()
-        # Occupy every hashing thread, so no password check ends before all
-        # the requests have been counted.
+    gate = threading.Event()
+    loop = asyncio.get_running_loop()
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(serving(app)) for app in apps]
+        forms = []
+        for number, client in enumerate(clients):
+            token = await csrf_token(client, "/auth/login")
+            forms.append(
+                {
+                    "csrf_token": token,
+                    "email": "alice@example.com",
+                    "password": f"guess {number}",
+                }
+            )
+        # Occupy every hashing thread of every app, so no password check ends
+        # before all the requests have been counted.
         blockers = [
-            loop.run_in_executor(hashing.executor, gate.wait)
-            for _ in range(hashing.workers)
+            loop.run_in_executor(app.extensions["password_hashing"].executor, gate.wait)
+            for app in apps
+            for _ in range(app.extensions["password_hashing"].workers)
         ]
         requests = [
-            asyncio.create_task(client.post("/auth/login", form=form)) for form in forms
+            asyncio.create_task(client.post("/auth/login", form=form))
+            for client, form in zip(clients, forms, strict=True)
         ]
-        throttled = []
+        # The request past the maximum ends at once, without a hash.
+        finished = next(asyncio.as_completed(requests, timeout=10))
         try:
-            # The requests past the maximum end at once, without a hash.
-            finishing = asyncio.as_completed(requests, timeout=10)
-            for response in itertools.islice(finishing, sent - maximum):
-                throttled.append(await response)
+            throttled = await finished
             waiting = sum(not request.done() for request in requests)
         finally:
             gate.set()
             await asyncio.gather(*blockers)
             responses = await asyncio.gather(*requests)
 
-    checked = [response for response in responses if response not in throttled]
+    assert throttled.status_code == 429
     assert waiting == maximum
-    assert [response.status_code for response in throttled] == [429] * (sent - maximum)
-    assert all("Retry-After" in response.headers for response in throttled)
-    assert [response.status_code for response in checked] == [200] * maximum
-    [user] = await fetch_users(app)
+    statuses = sorted(response.status_code for response in responses)
+    assert statuses == [200] * maximum + [429]
+    [user] = await fetch_users(apps[0])
     assert user.failed_logins == maximum
+
+
+async def test_lockout_spares_right_passwords_at_once(
+    database_url: str, relay: Relay, tmp_path: Path
+) -> None:
+    app = make_app(database_url, relay.port, tmp_path, LOGIN_MAX_FAILURES=3)
+    async with serving(app) as client:
+        await register(client)
+        responses = await asyncio.gather(
+            *(
+                client.post(
+                    "/api/tokens", headers=basic_auth("alice@example.com", PASSWORD)
+                )
+                for _ in range(8)
+            )
+        )
+
+    assert [response.status_code for response in responses] == [200] * 8
+    [user] = await fetch_users(app)
+    assert user.failed_logins == 0
+
+
+async def test_cancelled_check_still_settled(
+    database_url: str, relay: Relay, tmp_path: Path
+) -> None:
+    # A client that goes away while its password is hashed must not leave the
+    # attempt counted as a failure: the right password still clears the count.
+    # Without the delivery loop, only the login uses the database.
+    app = make_app(database_url, relay.port, tmp_path, OUTBOX_WORKER=False)
+    async with serving(app) as client:
+        await register(client)
+
+    gate = threading.Event()
+    counted = asyncio.Event()
+    settled = asyncio.Event()
+    checkins = 0
+    loop = asyncio.get_running_loop()
+
+    def count_checkin(*_args: Any) -> None:
+        # The login's own session, the count, then the clearing of the count.
+        nonlocal checkins
+        checkins += 1
+        if checkins == 2:
+            counted.set()
+        if checkins == 3:
+            settled.set()
+
+    async with app.test_app(), app.app_context():
+        hashing = app.extensions["password_hashing"]
+        blockers = [
+            loop.run_in_executor(hashing.executor, gate.wait)
+            for _ in range(hashing.workers)
+        ]
+        pool = app.extensions["db_engine"].sync_engine.pool
+        event.listen(pool, "checkin", count_checkin)
+        try:
+            async with session_scope() as session:
+                check = asyncio.create_task(
+                    accounts.authenticate(
+                        session=session, email="alice@example.com", password=PASSWORD
+                    )
+                )
+                await asyncio.wait_for(counted.wait(), 10)
+                check.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await check
+            gate.set()
+            await asyncio.wait_for(settled.wait(), 10)
+        finally:
+            gate.set()
+            await asyncio.gather(*blockers)
+            event.remove(pool, "checkin", count_checkin)
+
+    [user] = await fetch_users(app)
+    assert user.failed_logins == 0
+    assert user.last_failed_login_at is None
