@@ -1,6 +1,7 @@
 import asyncio
 import contextlib
 import threading
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,27 @@ def _cookie_header(response: object, name: str) -> str:
         if header.startswith(f"{name}="):
             return header
     raise AssertionError(f"no {name} cookie set")
+
+
+@contextlib.asynccontextmanager
+async def _hashing_blocked(*apps: Quart) -> AsyncIterator[threading.Event]:
+    """Occupy every password hashing thread of `apps` until the gate is set.
+
+    Leaving the block sets the gate. A test that needs the threads back sooner
+    sets the yielded gate itself.
+    """
+    gate = threading.Event()
+    loop = asyncio.get_running_loop()
+    blockers = [
+        loop.run_in_executor(app.extensions["password_hashing"].executor, gate.wait)
+        for app in apps
+        for _ in range(app.extensions["password_hashing"].workers)
+    ]
+    try:
+        yield gate
+    finally:
+        gate.set()
+        await asyncio.gather(*blockers)
 
 
 async def test_login_wrong_password(app: Quart, relay: Relay) -> None:
@@ -243,28 +265,22 @@ async def test_login_waiting_for_hash_holds_no_connection(
                 all_returned.set()
 
         event.listen(pool, "checkin", count_checkin)
-        hashing = app.extensions["password_hashing"]
-        gate = threading.Event()
-        loop = asyncio.get_running_loop()
-        # Occupy every hashing thread, so each login waits in the queue.
-        blockers = [
-            loop.run_in_executor(hashing.executor, gate.wait)
-            for _ in range(hashing.workers)
-        ]
-        requests = [
-            asyncio.create_task(client.post("/auth/login", form=form)) for form in forms
-        ]
+        requests: list[asyncio.Task[Any]] = []
         try:
-            # Each login gives its connection back once it has read the user.
-            # Logins of one account then take turns, so the first one also
-            # counts its attempt and waits for a hash, and the others wait for
-            # their turn.
-            await asyncio.wait_for(all_returned.wait(), 10)
-            health = await asyncio.wait_for(client.get("/healthz"), 10)
-            waiting = sum(not request.done() for request in requests)
+            # With every hashing thread occupied, each login waits in the queue.
+            async with _hashing_blocked(app):
+                requests = [
+                    asyncio.create_task(client.post("/auth/login", form=form))
+                    for form in forms
+                ]
+                # Each login gives its connection back once it has read the
+                # user. Logins of one account then take turns, so the first one
+                # also counts its attempt and waits for a hash, and the others
+                # wait for their turn.
+                await asyncio.wait_for(all_returned.wait(), 10)
+                health = await asyncio.wait_for(client.get("/healthz"), 10)
+                waiting = sum(not request.done() for request in requests)
         finally:
-            gate.set()
-            await asyncio.gather(*blockers)
             responses = await asyncio.gather(*requests)
             event.remove(pool, "checkin", count_checkin)
 
@@ -386,8 +402,6 @@ async def test_lockout_counts_checks_across_processes(
     async with serving(apps[0]) as client:
         await register(client)
 
-    gate = threading.Event()
-    loop = asyncio.get_running_loop()
     async with contextlib.AsyncExitStack() as stack:
         clients = [await stack.enter_async_context(serving(app)) for app in apps]
         forms = []
@@ -400,25 +414,19 @@ async def test_lockout_counts_checks_across_processes(
                     "password": f"guess {number}",
                 }
             )
-        # Occupy every hashing thread of every app, so no password check ends
-        # before all the requests have been counted.
-        blockers = [
-            loop.run_in_executor(app.extensions["password_hashing"].executor, gate.wait)
-            for app in apps
-            for _ in range(app.extensions["password_hashing"].workers)
-        ]
-        requests = [
-            asyncio.create_task(client.post("/auth/login", form=form))
-            for client, form in zip(clients, forms, strict=True)
-        ]
-        # The request past the maximum ends at once, without a hash.
-        finished = next(asyncio.as_completed(requests, timeout=10))
+        requests: list[asyncio.Task[Any]] = []
         try:
-            throttled = await finished
-            waiting = sum(not request.done() for request in requests)
+            # With every hashing thread of every app occupied, no password
+            # check ends before all the requests have been counted.
+            async with _hashing_blocked(*apps):
+                requests = [
+                    asyncio.create_task(client.post("/auth/login", form=form))
+                    for client, form in zip(clients, forms, strict=True)
+                ]
+                # The request past the maximum ends at once, without a hash.
+                throttled = await next(asyncio.as_completed(requests, timeout=10))
+                waiting = sum(not request.done() for request in requests)
         finally:
-            gate.set()
-            await asyncio.gather(*blockers)
             responses = await asyncio.gather(*requests)
 
     assert throttled.status_code == 429
@@ -459,11 +467,9 @@ async def test_cancelled_check_still_settled(
     async with serving(app) as client:
         await register(client)
 
-    gate = threading.Event()
     counted = asyncio.Event()
     settled = asyncio.Event()
     checkins = 0
-    loop = asyncio.get_running_loop()
 
     def count_checkin(*_args: Any) -> None:
         # The login's own session, the count, then the clearing of the count.
@@ -475,29 +481,25 @@ async def test_cancelled_check_still_settled(
             settled.set()
 
     async with app.test_app(), app.app_context():
-        hashing = app.extensions["password_hashing"]
-        blockers = [
-            loop.run_in_executor(hashing.executor, gate.wait)
-            for _ in range(hashing.workers)
-        ]
         pool = app.extensions["db_engine"].sync_engine.pool
         event.listen(pool, "checkin", count_checkin)
         try:
-            async with session_scope() as session:
-                check = asyncio.create_task(
-                    accounts.authenticate(
-                        session=session, email="alice@example.com", password=PASSWORD
+            async with _hashing_blocked(app) as gate:
+                async with session_scope() as session:
+                    check = asyncio.create_task(
+                        accounts.authenticate(
+                            session=session,
+                            email="alice@example.com",
+                            password=PASSWORD,
+                        )
                     )
-                )
-                await asyncio.wait_for(counted.wait(), 10)
-                check.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await check
-            gate.set()
-            await asyncio.wait_for(settled.wait(), 10)
+                    await asyncio.wait_for(counted.wait(), 10)
+                    check.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await check
+                gate.set()
+                await asyncio.wait_for(settled.wait(), 10)
         finally:
-            gate.set()
-            await asyncio.gather(*blockers)
             event.remove(pool, "checkin", count_checkin)
 
     [user] = await fetch_users(app)
